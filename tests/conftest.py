@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models built from configs (no downloads) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+WORDS = (
+    "the a of and to in is was he she it that for on with as his her they at by this had not "
+    "are but from or have an which one you were all we when there can more if no man out so "
+    "what time up into only new some could them than first been other its people two may "
+    "Mary John went store gave drink cat dog sat mat France capital Paris . , ! ?"
+).split()
+
+_TOKENIZER_DIR: str | None = None
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with BOS/EOS/PAD/UNK, so tests need no hub."""
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, "<pad>": 3}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    # TransformerLens reloads tokenizers by name_or_path, so give it a folder to reload from.
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None:
+        _TOKENIZER_DIR = tempfile.mkdtemp(prefix="mlsae-tok-")
+        fast.save_pretrained(_TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(_TOKENIZER_DIR)
+
+
+def make_tiny_model(n_layers: int = 3, d_model: int = 32, seed: int = 0) -> HookedTransformer:
+    """A random Llama-style HookedTransformer (RMSNorm, rotary, gated MLP, GQA)."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=64,
+        d_vocab=len(tokenizer),
+        n_ctx=64,
+        act_fn="silu",
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        original_architecture="LlamaForCausalLM",
+        init_weights=True,
+        seed=seed,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    # Default init leaves the residual stream tiny; make the blocks matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from mlsae.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    from mlsae.models import load_smollm2_hf
+
+    return load_smollm2_hf()
+
+
+@pytest.fixture(scope="session")
+def brown():
+    from mlsae.data import load_corpus
+
+    return load_corpus("brown")
