@@ -177,9 +177,7 @@ def load_model(
     if name in HUB_MODELS:
         model = HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
         return model.eval()
-    raise ValueError(
-        f"Unknown model {name!r}. Supported models: {', '.join(SUPPORTED_MODELS)}."
-    )
+    raise ValueError(f"Unknown model {name!r}. Supported models: {', '.join(SUPPORTED_MODELS)}.")
 
 
 def special_token_ids(model: HookedTransformer) -> list[int]:

@@ -1,0 +1,237 @@
+r"""Evaluation metrics, each stated as a formula, accumulated in float64 over an evaluation set.
+
+* FVU at layer l: :math:`\sum_t \|x_t - \hat x_t\|^2 / \sum_t \|x_t - \bar x\|^2`, with
+  :math:`\bar x` the per-dimension mean over the evaluation tokens. Reported per layer and as the
+  unweighted mean over layers. ``space`` says whether x is the raw residual or its lens transform.
+* L0: mean number of nonzero latents per vector. L1: mean sum of latent activations per vector
+  (the paper's Table 1 "L1 norm").
+* delta CE at layer l: the output of block l at every non-special position is replaced by its
+  reconstruction (mapped back through the inverse lens when there is one), the model runs on from
+  block l + 1, and the clean next-token cross-entropy is subtracted; mean over predicted tokens.
+* KL at layer l: :math:`KL(p_{clean} \| p_{patched})` per predicted token, averaged over tokens
+  (the original code summed over positions, NOTES.md defect 7).
+* MMCS: for dictionaries A and B, the mean over latents of A of the max cosine similarity with any
+  latent of B (every latent of B, not only lower-index ones: defect 7). With B = A, self-pairs are
+  excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer
+
+from mlsae.activations import residual_stream, special_mask
+from mlsae.models import special_token_ids
+from mlsae.sae import MLSAE
+
+
+class ReconstructionStats:
+    """Streaming per-layer FVU, L0, L1 and latent-firing statistics, in float64.
+
+    Feed batches with `update(x, recons, values)`, shapes ``(layer, token, d)`` and
+    ``(layer, token, k)``; read the results with `compute()`.
+    """
+
+    def __init__(self, n_layers: int, d_model: int, n_latents: int):
+        f64 = torch.float64
+        self.n = torch.zeros(n_layers, dtype=f64)
+        self.sum_x = torch.zeros(n_layers, d_model, dtype=f64)
+        self.sum_x2 = torch.zeros(n_layers, dtype=f64)
+        self.sse = torch.zeros(n_layers, dtype=f64)
+        self.l0 = torch.zeros(n_layers, dtype=f64)
+        self.l1 = torch.zeros(n_layers, dtype=f64)
+        self.fired = torch.zeros(n_layers, n_latents, dtype=torch.bool)
+
+    @torch.no_grad()
+    def update(
+        self,
+        x: torch.Tensor,
+        recons: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch: ``x``, ``recons`` ``(layer, token, d)``; ``values``, ``indices`` ``(.., k)``."""
+        x, recons, values = x.double().cpu(), recons.double().cpu(), values.double().cpu()
+        self.n += x.shape[1]
+        self.sum_x += x.sum(1)
+        self.sum_x2 += x.pow(2).sum((1, 2))
+        self.sse += (x - recons).pow(2).sum((1, 2))
+        self.l0 += (values > 0).sum((1, 2)).double()
+        self.l1 += values.sum((1, 2))
+        if indices is not None:
+            active = (values > 0).cpu()
+            for layer in range(x.shape[0]):
+                self.fired[layer, indices[layer].cpu()[active[layer]]] = True
+
+    def compute(self) -> dict[str, list[float]]:
+        """Per-layer ``fvu``, ``l0``, ``l1`` and ``inactive_fraction`` (never fired at a layer)."""
+        total = self.sum_x2 - self.sum_x.pow(2).sum(-1) / self.n
+        return {
+            "fvu": (self.sse / total).tolist(),
+            "l0": (self.l0 / self.n).tolist(),
+            "l1": (self.l1 / self.n).tolist(),
+            "inactive_fraction": (1 - self.fired.double().mean(-1)).tolist(),
+        }
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``(batch, pos - 1)`` cross-entropy of predicting ``tokens[:, 1:]``."""
+    logp = logits[:, :-1].double().log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def kl_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
+    """``(batch, pos - 1)`` KL(clean || patched) of the next-token distributions."""
+    p = clean_logits[:, :-1].double().log_softmax(-1)
+    q = patched_logits[:, :-1].double().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+@torch.no_grad()
+def patched_logits(model: HookedTransformer, resid: torch.Tensor, layer: int) -> torch.Tensor:
+    """Logits when ``resid`` ``(batch, pos, d)`` is the output of block ``layer``.
+
+    Runs only blocks ``layer + 1 ..`` (and the final norm and unembedding), not the whole model.
+    """
+    return model(resid, start_at_layer=layer + 1)
+
+
+Reconstructor = Callable[[torch.Tensor, int], torch.Tensor]
+"""Maps ``(token, d)`` raw residual vectors of one layer to their raw-space reconstruction."""
+
+
+@torch.no_grad()
+def delta_ce_kl(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    reconstruct: Reconstructor,
+    layers: Iterable[int] | None = None,
+    resid: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-layer sums of delta CE and KL over one token batch, and the number of predictions.
+
+    Args:
+        model: the language model.
+        tokens: ``(batch, pos)`` token ids.
+        reconstruct: raw-space reconstruction of one layer's vectors (lens inverse included).
+        layers: layers to patch (default all).
+        resid: ``(layer, batch, pos, d)`` residuals of ``tokens`` if already computed.
+
+    Returns:
+        ``{"delta_ce": (layer,), "kl": (layer,), "n": ()}`` float64 sums.
+    """
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    tokens = tokens.to(model.cfg.device)
+    if resid is None:
+        resid = residual_stream(model, tokens)
+    clean = model(tokens)
+    clean_ce = next_token_ce(clean, tokens)
+    keep = ~special_mask(tokens, special_token_ids(model))
+    d_ce = torch.zeros(n_layers, dtype=torch.float64)
+    kl = torch.zeros(n_layers, dtype=torch.float64)
+    for layer in layers:
+        patched = resid[layer].clone()
+        patched[keep] = reconstruct(resid[layer][keep], layer).to(patched.dtype)
+        logits = patched_logits(model, patched, layer)
+        d_ce[layer] = (next_token_ce(logits, tokens) - clean_ce).sum().cpu()
+        kl[layer] = kl_per_token(clean, logits).sum().cpu()
+    return {"delta_ce": d_ce, "kl": kl, "n": torch.tensor(float(clean_ce.numel()))}
+
+
+def mmcs(dict_a: torch.Tensor, dict_b: torch.Tensor | None = None, chunk: int = 4096) -> float:
+    """Mean max cosine similarity of the rows of ``dict_a`` ``(n_a, d)`` with those of ``dict_b``.
+
+    With ``dict_b`` None, ``dict_a`` is compared with itself, excluding each latent's self-pair.
+    """
+    a = F.normalize(dict_a.detach().float(), dim=-1)
+    b = a if dict_b is None else F.normalize(dict_b.detach().float(), dim=-1)
+    maxes = []
+    for start in range(0, a.shape[0], chunk):
+        sims = a[start : start + chunk] @ b.T
+        if dict_b is None:
+            rows = torch.arange(sims.shape[0])
+            sims[rows, rows + start] = float("-inf")
+        maxes.append(sims.max(-1).values)
+    return torch.cat(maxes).mean().item()
+
+
+@torch.no_grad()
+def evaluate(
+    sae: MLSAE,
+    model: HookedTransformer,
+    token_batches: Iterable[torch.Tensor],
+    lens=None,
+    ce_batches: int | None = None,
+    layers: list[int] | None = None,
+) -> dict:
+    """Evaluate an SAE over token batches; per-layer metrics and their mean over layers.
+
+    Args:
+        sae: the SAE (trained on lens-space vectors when ``lens`` is given).
+        model: the language model.
+        token_batches: ``(batch, pos)`` token batches of held-out text.
+        lens: a `mlsae.lens.TunedLens` or None. With a lens, ``fvu`` is in lens space (the space
+            the SAE reconstructs) and ``fvu_raw`` in the raw residual space.
+        ce_batches: compute delta CE and KL on the first this-many batches (all if None).
+        layers: model layers the SAE was trained on (default all); for a single-layer SAE, one.
+
+    Returns:
+        ``{"per_layer": {metric: [value per layer]}, "mean": {metric: value}, "layers": [...],
+        "n_tokens": int, "n_ce_tokens": int}``.
+    """
+    sae.eval()
+    device = next(sae.parameters()).device
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    specials = special_token_ids(model)
+    stats = ReconstructionStats(len(layers), sae.d_model, sae.n_latents)
+    raw_stats = ReconstructionStats(len(layers), sae.d_model, sae.n_latents) if lens else None
+    ce_sum = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
+    kl_sum = torch.zeros_like(ce_sum)
+    n_ce = 0.0
+
+    def to_space(x: torch.Tensor, layer: int) -> torch.Tensor:
+        return lens.transform(x, layer) if lens is not None else x
+
+    def from_space(x: torch.Tensor, layer: int) -> torch.Tensor:
+        return lens.invert(x, layer) if lens is not None else x
+
+    def reconstruct(x: torch.Tensor, layer: int) -> torch.Tensor:
+        return from_space(sae(to_space(x.to(device), layer)).recons, layer).to(x.dtype)
+
+    for i, tokens in enumerate(token_batches):
+        resid = residual_stream(model, tokens)  # (layer, batch, pos, d)
+        keep = ~special_mask(tokens.to(resid.device), specials)
+        x_raw = resid[layers][:, keep].to(device)  # (layer, token, d)
+        x = torch.stack([to_space(x_raw[j], layer) for j, layer in enumerate(layers)])
+        out = sae(x)
+        stats.update(x, out.recons, out.values, out.indices)
+        if raw_stats is not None:
+            raw = torch.stack([from_space(out.recons[j], ly) for j, ly in enumerate(layers)])
+            raw_stats.update(x_raw, raw, out.values)
+        if ce_batches is None or i < ce_batches:
+            res = delta_ce_kl(model, tokens, reconstruct, layers, resid)
+            ce_sum += res["delta_ce"]
+            kl_sum += res["kl"]
+            n_ce += res["n"].item()
+
+    per_layer = stats.compute()
+    if raw_stats is not None:
+        per_layer["fvu_raw"] = raw_stats.compute()["fvu"]
+    if n_ce:
+        per_layer["delta_ce"] = (ce_sum[layers] / n_ce).tolist()
+        per_layer["kl"] = (kl_sum[layers] / n_ce).tolist()
+    per_layer["dead_fraction_train"] = [sae.dead_fraction()] * len(layers)
+    mean = {k: sum(v) / len(v) for k, v in per_layer.items()}
+    mean["inactive_fraction_all_layers"] = stats.fired.any(0).logical_not().double().mean().item()
+    return {
+        "layers": layers,
+        "per_layer": per_layer,
+        "mean": mean,
+        "n_tokens": int(stats.n[0].item()),
+        "n_ce_tokens": int(n_ce),
+        "space": "lens" if lens is not None else "raw",
+    }

@@ -1,0 +1,273 @@
+r"""The multi-layer TopK sparse autoencoder (Lawson et al. 2025, section 3, eqs. 1-7).
+
+One SAE is trained on the residual vectors of every layer; each (layer, token) vector is a
+training example. With per-vector standardization :math:`s(x) = (x - \mu_x) / (\sigma_x + \epsilon)`
+(mean and unbiased std over d_model, the convention of SAELens's ``layer_norm``):
+
+.. math::
+
+    h = \mathrm{ReLU}(\mathrm{TopK}(W_{enc} (s(x) - b_{pre})))          \quad (1)
+
+    \hat{x} = s^{-1}(W_{dec} h + b_{pre})                                \quad (2)
+
+    \mathcal{L} = \mathrm{FVU}(x, \hat{x}) + \alpha\,\mathrm{AuxK}       \quad (7)
+
+``b_pre`` is one tied bias, initialised and used in the standardized space (the original code
+initialised it on raw activations, NOTES.md defect 5). There is no encoder bias. The decoder is
+initialised as the encoder's transpose with unit-norm latents and kept unit-norm.
+
+AuxK (Gao et al. 2024, A.2; eqs. 4-6): the ``k_aux`` largest pre-activations among *dead* latents
+reconstruct the main model's error :math:`e = s(x) - (W_{dec} h + b_{pre})`; target and
+reconstruction are both in the standardized space (defect 4 mixed spaces). As in Gao et al.'s
+reference code, the error reconstruction :math:`\hat e = W_{dec} h_{dead}` carries no bias (``e``
+has the bias subtracted out already), the target is detached, and the squared error is normalised
+by the variance of ``e`` over the batch so ``alpha = 1/32`` has the scale the paper assumes.
+
+A latent is dead when it has not been among the top-k at any layer for ``dead_tokens`` tokens;
+the counter advances by the number of *tokens* in a batch, whatever the number of layers
+(defect 3 counted micro-batches).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+
+
+class ForwardOutput(NamedTuple):
+    """What `MLSAE.forward` returns; leading shape ``(...)`` is the input's without d_model."""
+
+    recons: torch.Tensor
+    """``(..., d_model)`` reconstruction in the input space."""
+    values: torch.Tensor
+    """``(..., k)`` latent activations of the top-k (after ReLU; may contain zeros)."""
+    indices: torch.Tensor
+    """``(..., k)`` latent indices of the top-k."""
+    fvu: torch.Tensor
+    """Scalar FVU of the batch in the input space (the reconstruction loss)."""
+    auxk_loss: torch.Tensor
+    """Scalar normalised AuxK loss (0 when no latent is dead)."""
+    loss: torch.Tensor
+    """``fvu + aux_coef * auxk_loss``."""
+
+
+def nearest_power_of_2(x: float) -> int:
+    """The power of 2 nearest to ``x`` (ties go down)."""
+    lo = 2 ** math.floor(math.log2(x))
+    return lo if x - lo <= 2 * lo - x else 2 * lo
+
+
+def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-vector standardization over the last dim: ``((x - mu) / (std + eps), mu, std)``."""
+    mu = x.mean(dim=-1, keepdim=True)
+    centred = x - mu
+    std = centred.std(dim=-1, keepdim=True)
+    return centred / (std + EPS), mu, std
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained over a batch of vectors ``(..., d)``.
+
+    ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, the mean taken per dimension over the batch.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    err = (x2 - x_hat.reshape(x2.shape)).pow(2).sum()
+    total = (x2 - x2.mean(dim=0)).pow(2).sum()
+    return err / total.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def geometric_median(points: torch.Tensor, n_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm for the geometric median of ``(n, d)`` points."""
+    median = points.mean(dim=0)
+    for _ in range(n_iter):
+        dist = (points - median).norm(dim=-1).clamp_min(1e-8)
+        weights = 1 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < tol * median.norm().clamp_min(1.0):
+            return new
+        median = new
+    return median
+
+
+class MLSAE(nn.Module):
+    """Multi-layer TopK SAE.
+
+    Args:
+        d_model: width of the residual stream ``d``.
+        n_latents: number of latents ``n`` (expansion factor ``R = n / d``).
+        k: latents kept per vector.
+        k_aux: dead latents used by AuxK; default the power of 2 nearest ``d_model / 2``.
+        aux_coef: AuxK coefficient ``alpha`` (paper: 1/32).
+        dead_tokens: tokens without firing after which a latent is dead (paper: 10M).
+        standardize: standardize each vector before the encoder (paper: yes).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        k_aux: int | None = None,
+        aux_coef: float = 1 / 32,
+        dead_tokens: int = 10_000_000,
+        standardize: bool = True,
+    ):
+        super().__init__()
+        if not 0 < k <= n_latents:
+            raise ValueError(f"k must be in [1, n_latents={n_latents}], got k={k}.")
+        k_aux = nearest_power_of_2(d_model / 2) if k_aux is None else k_aux
+        if not 0 < k_aux <= n_latents:
+            raise ValueError(f"k_aux must be in [1, n_latents={n_latents}], got k_aux={k_aux}.")
+        self.d_model, self.n_latents, self.k, self.k_aux = d_model, n_latents, k, k_aux
+        self.aux_coef, self.dead_tokens, self.standardize = aux_coef, dead_tokens, standardize
+
+        weight = torch.randn(n_latents, d_model)
+        weight /= weight.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(weight.clone())  # (n_latents, d_model)
+        self.W_dec = nn.Parameter(weight.clone())  # (n_latents, d_model), unit-norm rows
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.register_buffer("b_pre_initialized", torch.tensor(False))
+
+    def config(self) -> dict:
+        """Constructor arguments, saved with checkpoints and exports."""
+        return dict(
+            d_model=self.d_model,
+            n_latents=self.n_latents,
+            k=self.k,
+            k_aux=self.k_aux,
+            aux_coef=self.aux_coef,
+            dead_tokens=self.dead_tokens,
+            standardize=self.standardize,
+        )
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (..., d)`` -> ``(s(x), mu, std)``; identity when not standardizing."""
+        if self.standardize:
+            return standardize(x)
+        return x, torch.zeros_like(x[..., :1]), torch.ones_like(x[..., :1])
+
+    def pre_activations(self, x_std: torch.Tensor) -> torch.Tensor:
+        """``(..., n_latents)`` encoder pre-activations ``W_enc (s(x) - b_pre)``."""
+        return (x_std - self.b_pre) @ self.W_enc.T
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (..., d)`` -> ``(values, indices)``, each ``(..., k)``."""
+        x_std, _, _ = self.preprocess(x)
+        return self._topk(self.pre_activations(x_std))
+
+    def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def decode_std(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sparse decode in the standardized space: ``W_dec h + b_pre``, shape ``(..., d)``.
+
+        Gathers the k selected decoder rows with ``embedding_bag``; never forms a dense
+        ``(vectors, n_latents)`` tensor.
+        """
+        lead = indices.shape[:-1]
+        out = F.embedding_bag(
+            indices.reshape(-1, indices.shape[-1]),
+            self.W_dec,
+            per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype),
+            mode="sum",
+        )
+        return out.reshape(*lead, self.d_model) + self.b_pre
+
+    def decode(
+        self, values: torch.Tensor, indices: torch.Tensor, mu: torch.Tensor, std: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode and undo the standardization: ``(..., d)`` in the input space."""
+        out = self.decode_std(values, indices)
+        return out * (std + EPS) + mu if self.standardize else out
+
+    def dense_latents(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``(..., n_latents)`` dense latent vector (for analysis and tests, not training)."""
+        dense = values.new_zeros(*values.shape[:-1], self.n_latents)
+        return dense.scatter_(-1, indices, values)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """Encode, decode and compute the loss.
+
+        Args:
+            x: ``(layer, token, d_model)`` for an MLSAE batch, or ``(token, d_model)``.
+        """
+        x_std, mu, std = self.preprocess(x)
+        if self.training and not bool(self.b_pre_initialized):
+            self.init_b_pre_(x_std)
+        pre = self.pre_activations(x_std)
+        values, indices = self._topk(pre)
+        recons_std = self.decode_std(values, indices)
+        recons = recons_std * (std + EPS) + mu if self.standardize else recons_std
+        loss_fvu = fvu(x, recons)
+        if self.training:
+            auxk = self.auxk_loss(pre, (x_std - recons_std).detach())
+            self.update_dead_(indices, n_tokens=x.shape[-2])
+        else:
+            auxk = pre.new_zeros(())
+        return ForwardOutput(
+            recons, values, indices, loss_fvu, auxk, loss_fvu + self.aux_coef * auxk
+        )
+
+    def auxk_loss(self, pre: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """Normalised AuxK: FVU of the error ``e`` reconstructed by the top dead latents."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        k_aux = min(self.k_aux, n_dead)
+        masked = pre.masked_fill(~dead, float("-inf"))
+        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
+        e_hat = self.decode_std(values.relu(), indices) - self.b_pre
+        return fvu(error, e_hat)
+
+    # -- dead latents ---------------------------------------------------------------------------
+    def dead_mask(self) -> torch.Tensor:
+        """``(n_latents,)`` True where a latent has not fired for ``dead_tokens`` tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def dead_fraction(self) -> float:
+        """Fraction of latents currently dead."""
+        return self.dead_mask().float().mean().item()
+
+    @torch.no_grad()
+    def update_dead_(self, indices: torch.Tensor, n_tokens: int) -> None:
+        """Advance the counters by ``n_tokens``; reset those of latents in ``indices``."""
+        self.tokens_since_fired += n_tokens
+        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
+        fired[indices.flatten()] = True
+        self.tokens_since_fired[fired] = 0
+
+    # -- initialisation and constraints -----------------------------------------------------------
+    @torch.no_grad()
+    def init_b_pre_(self, x_std: torch.Tensor, max_points: int = 8192) -> None:
+        """Set ``b_pre`` to the geometric median of (a sample of) a standardized batch."""
+        points = x_std.reshape(-1, self.d_model).float()
+        if points.shape[0] > max_points:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            points = points[torch.randperm(points.shape[0], generator=gen)[:max_points]]
+        self.b_pre.copy_(geometric_median(points).to(self.b_pre.dtype))
+        self.b_pre_initialized.fill_(True)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from each decoder row's gradient its component along that (unit) row."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec.data
+        parallel = (self.W_dec.grad * w).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * w)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,111 @@
+"""Export to and import from SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``).
+
+An MLSAE maps onto SAELens's inference ``topk`` architecture exactly:
+
+* our per-vector standardization is SAELens's ``normalize_activations: "layer_norm"`` (mean and
+  unbiased std over d_model, divide by ``std + 1e-5``, undone after the decoder);
+* ``b_pre`` is ``b_dec`` with ``apply_b_dec_to_input: true``; there is no encoder bias, so ``b_enc``
+  is zero; ``W_enc`` is stored transposed, ``(d_in, d_sae)``.
+
+SAELens keys an SAE by one ``hook_name``; an MLSAE reads every layer, so the metadata's
+``hook_name`` is the first hook and ``hook_names`` lists all of them (SAELens keeps extra
+metadata keys). ``sae_lens.SAE.load_from_disk(path)`` then encodes and decodes as our module does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlsae.sae import MLSAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+EXTRA_FILE = "mlsae.json"
+
+
+def save(
+    sae: MLSAE,
+    path: str | Path,
+    model_name: str,
+    hook_names: list[str],
+    extra: dict | None = None,
+) -> Path:
+    """Write ``sae`` to ``path`` in SAELens's format; returns the folder."""
+    if not sae.standardize:
+        raise ValueError("Only standardizing SAEs map onto SAELens's layer_norm normalization.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    from sae_lens import __version__ as sae_lens_version
+
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.d_model,
+        "d_sae": sae.n_latents,
+        "k": sae.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "layer_norm",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "model_name": model_name,
+            "hook_name": hook_names[0],
+            "hook_names": list(hook_names),
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "sae_lens_version": sae_lens_version,
+            "sae_lens_training_version": None,
+            "trained_with": "mlsae",
+        },
+    }
+    (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    state = {
+        "W_enc": sae.W_enc.detach().T.contiguous().float().cpu(),
+        "W_dec": sae.W_dec.detach().contiguous().float().cpu(),
+        "b_enc": torch.zeros(sae.n_latents),
+        "b_dec": sae.b_pre.detach().float().cpu().clone(),
+    }
+    save_file(state, str(path / WEIGHTS_FILE))
+    (path / EXTRA_FILE).write_text(
+        json.dumps(
+            {
+                "sae_config": sae.config(),
+                "tokens_since_fired": sae.tokens_since_fired.tolist(),
+                **(extra or {}),
+            }
+        )
+    )
+    return path
+
+
+def load(path: str | Path) -> MLSAE:
+    """Read an SAE saved by `save` (or a SAELens ``topk`` SAE with ``layer_norm``, no b_enc)."""
+    path = Path(path)
+    if not (path / CFG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{path} lacks {CFG_FILE} or {WEIGHTS_FILE}.")
+    cfg = json.loads((path / CFG_FILE).read_text())
+    if cfg.get("architecture") != "topk" or cfg.get("normalize_activations") != "layer_norm":
+        raise ValueError(
+            f"{path}: need architecture 'topk' with layer_norm normalization, got "
+            f"{cfg.get('architecture')!r} / {cfg.get('normalize_activations')!r}."
+        )
+    state = load_file(str(path / WEIGHTS_FILE))
+    if state["b_enc"].abs().max() > 0:
+        raise ValueError(f"{path}: a nonzero encoder bias has no place in an MLSAE.")
+    extra = json.loads((path / EXTRA_FILE).read_text()) if (path / EXTRA_FILE).exists() else {}
+    config = extra.get("sae_config", {"d_model": cfg["d_in"], "n_latents": cfg["d_sae"]})
+    config["k"] = cfg["k"]
+    sae = MLSAE(**config)
+    with torch.no_grad():
+        sae.W_enc.copy_(state["W_enc"].T)
+        sae.W_dec.copy_(state["W_dec"])
+        sae.b_pre.copy_(state["b_dec"])
+        sae.b_pre_initialized.fill_(True)
+        if "tokens_since_fired" in extra:
+            sae.tokens_since_fired.copy_(torch.tensor(extra["tokens_since_fired"]))
+    return sae.eval()

@@ -1,0 +1,248 @@
+"""The training loop: residuals -> (lens) -> MLSAE, Adam, atomic checkpoints, resume, a JSONL log.
+
+Readable top to bottom: each step takes ``batch_tokens`` tokens at every trained layer (so
+``batch_tokens * n_layers`` vectors), computes ``FVU + aux_coef * AuxK``, removes the decoder
+gradient parallel to each latent, steps Adam, and renormalises the decoder. The token budget and
+the dead-latent window are counted in tokens. Checkpoints (weights, optimizer, dead-latent counters,
+config, tokens seen, RNG state) are written atomically (temporary file, then rename) and the
+previous one is kept, so a crash never leaves the run without a loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mlsae.activations import ActivationCache
+from mlsae.sae import MLSAE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one SAE training run (paper defaults where the paper gives one)."""
+
+    expansion_factor: float = 64
+    """R = n_latents / d_model."""
+    k: int = 32
+    """Latents kept per vector."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK (None: the power of 2 nearest d_model / 2)."""
+    aux_coef: float = 1 / 32
+    """AuxK coefficient alpha."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+    lr: float = 1e-4
+    """Adam learning rate (paper: 1e-4, no schedule, no weight decay)."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (paper: 6.25e-10)."""
+    batch_tokens: int = 256
+    """Tokens per optimizer step; each contributes one vector per trained layer."""
+    max_tokens: int | None = None
+    """Training budget in tokens (None: one pass over the cache)."""
+    layers: list[int] | None = None
+    """Layers to train on (None: all, the MLSAE; one layer: a single-layer baseline)."""
+    seed: int = 0
+    """Seed of the SAE initialisation."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every this many tokens (None: only at the end)."""
+    log_every: int = 10
+    """Write a log line every this many steps."""
+    device: str = "cpu"
+    """Training device."""
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata saved with the run (model, corpus, lens)."""
+
+    def __post_init__(self):
+        if self.expansion_factor <= 0:
+            raise ValueError(f"expansion_factor must be positive, got {self.expansion_factor}.")
+        if self.batch_tokens <= 0:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}.")
+        if self.k <= 0:
+            raise ValueError(f"k must be positive, got {self.k}.")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when activations or the loss contain NaN or inf."""
+
+
+def build_sae(cfg: TrainConfig, d_model: int) -> MLSAE:
+    """A freshly initialised SAE for ``cfg`` (seeded)."""
+    torch.manual_seed(cfg.seed)
+    return MLSAE(
+        d_model=d_model,
+        n_latents=int(round(cfg.expansion_factor * d_model)),
+        k=cfg.k,
+        k_aux=cfg.k_aux,
+        aux_coef=cfg.aux_coef,
+        dead_tokens=cfg.dead_tokens,
+    )
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` atomically to ``path``, keeping the previous file as ``path.prev``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint; a clear error names a missing or corrupt file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise ValueError(
+            f"Checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}). "
+            f"The previous checkpoint, if any, is {path.name}.prev."
+        ) from err
+    missing = {"sae", "sae_config", "optimizer", "tokens_seen"} - set(state)
+    if missing:
+        raise ValueError(f"Checkpoint {path} lacks {sorted(missing)}; not an mlsae checkpoint.")
+    return state
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> MLSAE:
+    """An SAE from a training checkpoint."""
+    state = load_checkpoint(path)
+    sae = MLSAE(**state["sae_config"])
+    sae.load_state_dict(state["sae"])
+    return sae.to(device)
+
+
+def train(
+    cfg: TrainConfig,
+    cache: ActivationCache,
+    run_dir: str | Path,
+    lens=None,
+    resume: bool = True,
+    progress: bool = True,
+) -> MLSAE:
+    """Train an SAE on cached residuals and return it.
+
+    Args:
+        cfg: hyperparameters.
+        cache: residuals ``(layer, token, d_model)`` on disk.
+        run_dir: folder for ``checkpoint.pt`` and ``log.jsonl``.
+        lens: optional `mlsae.lens.TunedLens`; the SAE then learns lens-space vectors.
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
+        progress: show a tqdm bar.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    layers = cfg.layers if cfg.layers is not None else list(range(cache.n_layers))
+    budget = cache.n_tokens if cfg.max_tokens is None else min(cfg.max_tokens, cache.n_tokens)
+
+    sae = build_sae(cfg, cache.d_model).to(cfg.device)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    tokens_seen, step = 0, 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["optimizer"])
+        tokens_seen, step = state["tokens_seen"], state["step"]
+        logger.info("Resumed %s at %d tokens (step %d)", ckpt_path, tokens_seen, step)
+    elif log_path.exists():
+        log_path.unlink()
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "sae": sae.state_dict(),
+                "sae_config": sae.config(),
+                "optimizer": opt.state_dict(),
+                "train_config": asdict(cfg),
+                "layers": layers,
+                "tokens_seen": tokens_seen,
+                "step": step,
+            },
+        )
+
+    lens_layers = torch.tensor(layers)
+    next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
+    bar = tqdm(total=budget, initial=tokens_seen, unit="tok", desc="train", disable=not progress)
+    sae.train()
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        batches = cache.iter_batches(cfg.batch_tokens, layers=layers, start_token=tokens_seen)
+        for x in batches:
+            if tokens_seen >= budget:
+                break
+            x = x[:, : budget - tokens_seen].to(cfg.device)  # (layer, token, d_model)
+            if not torch.isfinite(x).all():
+                raise NonFiniteError(
+                    f"NaN/inf in activations at step {step} (tokens {tokens_seen}); "
+                    f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
+                )
+            if lens is not None:
+                x = lens.transform_layers(x, lens_layers)
+            out = sae(x)
+            if not torch.isfinite(out.loss):
+                raise NonFiniteError(
+                    f"Non-finite loss at step {step} (tokens {tokens_seen}); "
+                    f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
+                )
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_grad_()
+            opt.step()
+            sae.normalize_decoder_()
+            n = x.shape[1]
+            tokens_seen += n
+            step += 1
+            bar.update(n)
+            if step % cfg.log_every == 0 or tokens_seen >= budget:
+                row = {
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "fvu": out.fvu.item(),
+                    "auxk": out.auxk_loss.item(),
+                    "dead_fraction": sae.dead_fraction(),
+                    "seconds": round(time.time() - t0, 2),
+                }
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}")
+            if next_ckpt is not None and tokens_seen >= next_ckpt:
+                checkpoint()
+                next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
+    bar.close()
+    checkpoint()
+    return sae.eval()
+
+
+def _next_multiple(tokens: int, every: int | None) -> int | None:
+    return None if every is None else (tokens // every + 1) * every
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The JSON-lines training log of a run."""
+    path = Path(run_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing moving average (for plotting and for checking the loss falls)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(math.fsum(chunk) / len(chunk))
+    return out

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from mlsae.activations import residual_stream
+from mlsae.metrics import ReconstructionStats, delta_ce_kl, evaluate, mmcs, next_token_ce
+from mlsae.sae import MLSAE
+
+
+def test_reconstruction_stats_hand_computed():
+    stats = ReconstructionStats(n_layers=1, d_model=2, n_latents=4)
+    x = torch.tensor([[[1.0, 0.0], [3.0, 2.0]]])
+    recons = torch.tensor([[[1.0, 1.0], [2.0, 2.0]]])
+    values = torch.tensor([[[2.0, 0.0], [1.0, 0.5]]])
+    indices = torch.tensor([[[0, 1], [2, 0]]])
+    # split into two batches to check the streaming accumulation
+    stats.update(x[:, :1], recons[:, :1], values[:, :1], indices[:, :1])
+    stats.update(x[:, 1:], recons[:, 1:], values[:, 1:], indices[:, 1:])
+    out = stats.compute()
+    assert out["fvu"] == pytest.approx([0.5])  # 2 / 4
+    assert out["l0"] == pytest.approx([1.5])  # (1 + 2) / 2
+    assert out["l1"] == pytest.approx([1.75])  # (2 + 1.5) / 2
+    assert out["inactive_fraction"] == pytest.approx([0.5])  # latents 0 and 2 fired
+
+
+def test_mmcs_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+    assert mmcs(a, b) == pytest.approx(2**-0.5)
+    # self-comparison excludes self-pairs and looks at every other latent, both directions
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert mmcs(c) == pytest.approx(2**-0.5)
+
+
+def _naive_patched_ce(model, tokens, layer, replace):
+    def hook(act, hook):
+        out = act.clone()
+        out[:, 1:] = replace(act[:, 1:])  # every position but BOS
+        return out
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
+    return logits
+
+
+def test_delta_ce_equals_naive_full_forward_with_replacement_hook(tiny_model):
+    torch.manual_seed(1)
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
+    noise = torch.randn(32) * 0.5
+
+    def reconstruct(x, layer):
+        return x * 0.7 + noise
+
+    res = delta_ce_kl(tiny_model, tokens, reconstruct)
+    clean = tiny_model(tokens)
+    clean_ce = next_token_ce(clean, tokens)
+    for layer in range(3):
+        logits = _naive_patched_ce(tiny_model, tokens, layer, lambda a: a * 0.7 + noise)
+        expected = (next_token_ce(logits, tokens) - clean_ce).mean()
+        assert (res["delta_ce"][layer] / res["n"]).item() == pytest.approx(expected.item(), 1e-5)
+        p = clean[:, :-1].double().log_softmax(-1)
+        q = logits[:, :-1].double().log_softmax(-1)
+        kl = (p.exp() * (p - q)).sum(-1).mean()
+        assert (res["kl"][layer] / res["n"]).item() == pytest.approx(kl.item(), rel=1e-5)
+    assert res["n"].item() == 14  # mean per predicted token, not a sum over positions
+
+
+def test_evaluate_identity_reconstruction_gives_zero(tiny_model):
+    class Identity(MLSAE):
+        def forward(self, x):
+            out = super().forward(x)
+            return out._replace(recons=x)
+
+    sae = Identity(32, 64, 4)
+    tokens = [torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])]
+    res = evaluate(sae, tiny_model, tokens)
+    assert res["mean"]["fvu"] == pytest.approx(0.0, abs=1e-12)
+    assert res["mean"]["delta_ce"] == pytest.approx(0.0, abs=1e-9)
+    assert res["mean"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert len(res["per_layer"]["fvu"]) == 3 and res["n_tokens"] == 7
+
+
+def test_evaluate_matches_direct_computation(tiny_model):
+    torch.manual_seed(0)
+    sae = MLSAE(32, 64, 4).eval()
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    res = evaluate(sae, tiny_model, [tokens])
+    x = residual_stream(tiny_model, tokens)[:, 0, 1:]  # (layer, token, d) without BOS
+    recons = sae(x).recons
+    for layer in range(3):
+        err = (x[layer] - recons[layer]).pow(2).sum()
+        total = (x[layer] - x[layer].mean(0)).pow(2).sum()
+        assert res["per_layer"]["fvu"][layer] == pytest.approx((err / total).item(), rel=1e-4)

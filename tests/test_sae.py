@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from mlsae.sae import MLSAE, fvu, geometric_median, nearest_power_of_2, standardize
+
+
+def make_sae(d=16, n=64, k=4, **kw):
+    torch.manual_seed(0)
+    return MLSAE(d, n, k, **kw)
+
+
+def test_bad_k_is_a_clear_error():
+    with pytest.raises(ValueError, match="k must be in"):
+        MLSAE(8, 16, 17)
+    with pytest.raises(ValueError, match="k_aux must be in"):
+        MLSAE(8, 16, 4, k_aux=32)
+
+
+def test_k_aux_default_is_nearest_power_of_two_of_half_d():
+    assert nearest_power_of_2(288) == 256  # SmolLM2: d = 576
+    assert nearest_power_of_2(256) == 256  # Pythia-70m: d = 512
+    assert nearest_power_of_2(400) == 512
+    assert MLSAE(576, 1152, 32).k_aux == 256
+
+
+def test_standardize_formula():
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    s, mu, std = standardize(x)
+    # mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3)
+    sd = (14 / 3) ** 0.5
+    torch.testing.assert_close(mu, torch.tensor([[3.0]]))
+    torch.testing.assert_close(s, torch.tensor([[-2.0, -1.0, 0.0, 3.0]]) / (sd + 1e-5))
+
+
+def test_exactly_k_selected_and_at_most_k_nonzero():
+    sae = make_sae()
+    x = torch.randn(3, 10, 16)
+    out = sae(x)
+    assert out.indices.shape == (3, 10, 4) and out.values.shape == (3, 10, 4)
+    # k distinct latents per vector, and they are the k largest pre-activations
+    assert (out.indices.sort(-1).values.diff(dim=-1) > 0).all()
+    pre = sae.pre_activations(standardize(x)[0])
+    kth = pre.topk(4, dim=-1).values[..., -1:]
+    assert (pre.gather(-1, out.indices) >= kth).all()
+    dense = sae.dense_latents(out.values, out.indices)
+    assert ((dense != 0).sum(-1) <= 4).all() and (dense >= 0).all()
+
+
+def test_sparse_decode_equals_dense_reference():
+    sae = make_sae()
+    with torch.no_grad():
+        sae.b_pre.normal_()
+    x = torch.randn(2, 7, 16) * 3 + 1
+    out = sae(x)
+    dense = sae.dense_latents(out.values, out.indices)
+    _, mu, std = standardize(x)
+    ref = (dense @ sae.W_dec + sae.b_pre) * (std + 1e-5) + mu
+    torch.testing.assert_close(out.recons, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_b_pre_is_geometric_median_in_standardized_space():
+    sae = make_sae()
+    x = torch.randn(2, 50, 16) * 10 + 5
+    sae.train()
+    sae(x)
+    x_std = standardize(x)[0].reshape(-1, 16)
+    torch.testing.assert_close(sae.b_pre.data, geometric_median(x_std), rtol=1e-4, atol=1e-4)
+    assert sae.b_pre.abs().max() < 2  # standardized scale, not the raw offset of 5
+
+
+def test_geometric_median_of_symmetric_points():
+    pts = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0], [1.0, 1.0]])
+    torch.testing.assert_close(geometric_median(pts), torch.tensor([1.0, 1.0]))
+
+
+def test_fvu_hand_computed():
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    # error 1 + 1 = 2; mean (2, 1); total variance 1 + 1 + 1 + 1 = 4
+    assert fvu(x, x_hat).item() == pytest.approx(0.5)
+
+
+def test_dead_counter_counts_tokens_not_vectors():
+    sae = make_sae(dead_tokens=12)
+    indices = torch.tensor([[[0, 1, 2, 3]] * 5] * 3)  # 3 layers x 5 tokens
+    sae.update_dead_(indices, n_tokens=5)
+    assert sae.tokens_since_fired[:4].tolist() == [0, 0, 0, 0]
+    assert (sae.tokens_since_fired[4:] == 5).all()  # 5 tokens, not 15 vectors
+    sae.update_dead_(torch.tensor([[[5, 6, 7, 8]]]), n_tokens=5)
+    assert sae.tokens_since_fired[0].item() == 5 and sae.tokens_since_fired[5].item() == 0
+    assert sae.dead_fraction() == 0
+    sae.update_dead_(torch.tensor([[[5, 6, 7, 8]]]), n_tokens=5)
+    dead = sae.dead_mask()
+    # 0-3: 10 tokens since firing; 5-8 just fired; 4 and 9+: 15 >= 12 tokens, dead
+    assert dead.nonzero().flatten().tolist() == [4, *range(9, 64)]
+
+
+def test_training_forward_counts_tokens_of_a_multilayer_batch():
+    sae = make_sae()
+    sae.train()
+    sae(torch.randn(3, 10, 16))
+    assert sae.tokens_since_fired.max().item() == 10
+
+
+def test_auxk_is_zero_with_no_dead_latents():
+    sae = make_sae()
+    sae.train()
+    out = sae(torch.randn(2, 10, 16))
+    assert out.auxk_loss.item() == 0.0
+    torch.testing.assert_close(out.loss, out.fvu)
+
+
+def test_auxk_uses_dead_latents_only():
+    sae = make_sae(k_aux=3, dead_tokens=100)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:50] = True
+    sae.tokens_since_fired[dead] = 1000
+    sae.train()
+    x = torch.randn(2, 10, 16)
+    out = sae(x)
+    assert out.auxk_loss.item() > 0
+    # reference: error in standardized space, top-3 dead pre-activations, no bias, normalised
+    x_std = standardize(x)[0]
+    pre = sae.pre_activations(x_std)
+    recons_std = sae.dense_latents(out.values, out.indices) @ sae.W_dec + sae.b_pre
+    e = (x_std - recons_std).detach()
+    masked = pre.masked_fill(~dead, float("-inf"))
+    v, i = masked.topk(3, dim=-1)
+    e_hat = sae.dense_latents(v.relu(), i) @ sae.W_dec
+    ref = (e - e_hat).pow(2).sum() / (e.reshape(-1, 16) - e.reshape(-1, 16).mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.auxk_loss, ref, rtol=1e-4, atol=1e-6)
+    # its gradient reaches only dead decoder rows
+    sae.zero_grad()
+    out.auxk_loss.backward()
+    grad_rows = sae.W_dec.grad.abs().sum(-1) > 0
+    assert grad_rows[dead].any() and not grad_rows[~dead].any()
+
+
+def test_decoder_unit_norm_and_orthogonal_gradient_after_step():
+    sae = make_sae()
+    sae.train()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    out = sae(torch.randn(3, 20, 16))
+    out.loss.backward()
+    sae.remove_parallel_grad_()
+    parallel = (sae.W_dec.grad * sae.W_dec.data).sum(-1)
+    assert parallel.abs().max() < 1e-6
+    assert sae.W_dec.grad.abs().sum() > 0
+    opt.step()
+    assert (sae.W_dec.norm(dim=-1) - 1).abs().max() > 1e-4  # the step moved the norms
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
+
+
+def test_decoder_initialised_as_encoder_transpose_with_unit_norm():
+    sae = make_sae()
+    torch.testing.assert_close(sae.W_dec.data, sae.W_enc.data)  # both (n, d): W_dec = W_enc^T
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))

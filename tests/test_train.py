@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlsae.activations import ActivationCache
+from mlsae.train import NonFiniteError, TrainConfig, load_checkpoint, load_sae, read_log, train
+
+
+def make_cache(path, n_tokens=2048, n_layers=3, d=16, shard=256, seed=0, nan_at=None):
+    """A synthetic cache of sparse-ish structured vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(40, d, generator=gen)
+    path.mkdir(parents=True)
+    shards = []
+    for i in range(n_tokens // shard):
+        codes = torch.rand(n_layers, shard, 40, generator=gen)
+        codes = codes * (codes > 0.85)
+        acts = codes @ dictionary + 0.05 * torch.randn(n_layers, shard, d, generator=gen)
+        if nan_at is not None and i == nan_at:
+            acts[0, 3, 2] = float("nan")
+        name = f"shard_{i:05d}"
+        np.save(path / f"{name}.npy", acts.numpy().astype(np.float16))
+        np.save(path / f"{name}.tokens.npy", np.zeros(shard, dtype=np.int32))
+        shards.append(name)
+    meta = {"shards": shards, "n_layers": n_layers, "d_model": d, "n_tokens": n_tokens}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return ActivationCache(path)
+
+
+def cfg(**kw):
+    base = dict(expansion_factor=4, k=4, lr=3e-3, batch_tokens=64, dead_tokens=256, log_every=1)
+    return TrainConfig(**(base | kw))
+
+
+def test_training_reduces_fvu(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    train(cfg(), cache, tmp_path / "run", progress=False)
+    fvus = [row["fvu"] for row in read_log(tmp_path / "run")]
+    assert len(fvus) == 32
+    assert np.mean(fvus[-5:]) < 0.6 * np.mean(fvus[:3])
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["tokens_seen"] == 2048 and state["step"] == 32
+
+
+def test_single_layer_run_and_budget(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    sae = train(cfg(layers=[1], max_tokens=640), cache, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["tokens_seen"] == 640 and state["layers"] == [1]
+    assert sae.n_latents == 64
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    full = train(cfg(checkpoint_every=320), cache, tmp_path / "full", progress=False)
+    train(cfg(max_tokens=960), cache, tmp_path / "part", progress=False)
+    resumed = train(cfg(checkpoint_every=320), cache, tmp_path / "part", progress=False)
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-6, atol=1e-6)
+    assert (tmp_path / "full" / "checkpoint.pt.prev").exists()
+
+
+def test_nan_activations_stop_with_step_and_keep_checkpoint(tmp_path):
+    cache = make_cache(tmp_path / "cache", nan_at=4)
+    with pytest.raises(NonFiniteError, match=r"NaN/inf in activations at step 16"):
+        train(cfg(checkpoint_every=256), cache, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["tokens_seen"] == 1024
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_not_overwritten(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        train(cfg(), cache, tmp_path / "run", progress=False)
+    assert ckpt.read_bytes() == b"not a checkpoint"
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        load_sae(tmp_path / "missing.pt")
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="expansion_factor must be positive"):
+        TrainConfig(expansion_factor=0)
+    with pytest.raises(ValueError, match="batch_tokens must be positive"):
+        TrainConfig(batch_tokens=0)
