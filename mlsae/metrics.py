@@ -53,7 +53,7 @@ class ReconstructionStats:
         values: torch.Tensor,
         indices: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: ``x``, ``recons`` ``(layer, token, d)``; ``values``, ``indices`` ``(.., k)``."""
+        """Add a batch: x and recons `(layer, token, d)`, values and indices `(layer, token, k)`."""
         x, recons, values = x.double().cpu(), recons.double().cpu(), values.double().cpu()
         self.n += x.shape[1]
         self.sum_x += x.sum(1)
