@@ -1,0 +1,290 @@
+r"""Tuned lens (Belrose et al. 2023): per-layer affine translators, their exact inverse, and training.
+
+Layout follows the tuned-lens project: ``translators[i]`` is an ``nn.Linear(d_model, d_model)`` that
+acts on ``blocks.{i}.hook_resid_pre`` (HF ``hidden_states[i]``; index 0 is the embeddings), saved as
+``params.pt`` with keys ``{i}.weight``, ``{i}.bias`` beside a ``config.json``.
+
+The paper (eq. 8) transforms the output of block l before the SAE and inverts after the decoder:
+
+.. math::  x' = x + W x + b, \qquad x = (I + W)^{-1} (x' - b)      \quad (9)
+
+The output of block l is ``blocks.{l+1}.hook_resid_pre``, so it takes translator ``l + 1``; the last
+block's output is what the model unembeds, so it takes the identity. (The original code used
+translator l, off by one, NOTES.md defect 2, and inverted with only the diagonal of
+:math:`(I + W)^{-1}`, defect 1.) The inverse is computed once per layer in float64 and cached; a
+singular or badly conditioned :math:`I + W` is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+logger = logging.getLogger(__name__)
+
+MAX_CONDITION = 1e6
+HUB_REPO = "AlignmentResearch/tuned-lens"
+
+
+class TunedLens(nn.Module):
+    """Per-layer residual translators ``x -> x + W_i x + b_i``, zero-initialised (identity).
+
+    Args:
+        d_model: residual width.
+        n_layers: number of transformer blocks; translators ``0 .. n_layers - 1``.
+    """
+
+    def __init__(self, d_model: int, n_layers: int, base_model: str = ""):
+        super().__init__()
+        self.d_model, self.n_layers, self.base_model = d_model, n_layers, base_model
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers))
+        for t in self.translators:
+            nn.init.zeros_(t.weight)
+            nn.init.zeros_(t.bias)
+        self._inverse: dict[int, torch.Tensor] = {}
+
+    # -- the map for block outputs ----------------------------------------------------------------
+    def translator_index(self, layer: int) -> int | None:
+        """Translator for the output of block ``layer``: ``layer + 1``, or None (identity) if last."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range for a {self.n_layers}-layer lens.")
+        return layer + 1 if layer + 1 < self.n_layers else None
+
+    def affine(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, b)`` with ``x' = x @ A + b`` for the output of block ``layer``; ``A = (I + W)^T``."""
+        i = self.translator_index(layer)
+        eye = torch.eye(self.d_model, device=self.device)
+        if i is None:
+            return eye, torch.zeros(self.d_model, device=self.device)
+        t = self.translators[i]
+        return eye + t.weight.T, t.bias
+
+    def transform(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """``(..., d)`` output of block ``layer`` -> lens space."""
+        i = self.translator_index(layer)
+        return x if i is None else x + self.translators[i](x)
+
+    def inverse_matrix(self, layer: int) -> torch.Tensor:
+        """``(I + W)^{-T}`` for the output of block ``layer``, computed once (float64) and cached."""
+        if layer not in self._inverse:
+            i = self.translator_index(layer)
+            eye = torch.eye(self.d_model, dtype=torch.float64, device=self.device)
+            if i is None:
+                self._inverse[layer] = eye
+            else:
+                m = eye + self.translators[i].weight.detach().double()
+                cond = torch.linalg.cond(m).item()
+                if not cond < MAX_CONDITION:  # also catches inf/nan (singular)
+                    raise ValueError(
+                        f"Lens translator {i} (output of block {layer}) is singular or badly "
+                        f"conditioned: cond(I + W) = {cond:.3g} >= {MAX_CONDITION:.0e}."
+                    )
+                self._inverse[layer] = torch.linalg.inv(m).T
+        return self._inverse[layer]
+
+    def invert(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Lens space -> ``(..., d)`` output of block ``layer``: ``(x' - b) (I + W)^{-T}``."""
+        i = self.translator_index(layer)
+        if i is None:
+            return x
+        # float64 for the solve: the round trip must hold to ~1e-6, not to float32 * cond.
+        bias = self.translators[i].bias.detach().double()
+        return ((x.double() - bias) @ self.inverse_matrix(layer)).to(x.dtype)
+
+    def transform_layers(self, x: torch.Tensor, layers: torch.Tensor | list[int]) -> torch.Tensor:
+        """``(layer, token, d)`` -> lens space, ``x[j]`` being the output of block ``layers[j]``."""
+        return torch.stack([self.transform(x[j], int(ly)) for j, ly in enumerate(layers)])
+
+    def invert_layers(self, x: torch.Tensor, layers: torch.Tensor | list[int]) -> torch.Tensor:
+        """Inverse of `transform_layers`."""
+        return torch.stack([self.invert(x[j], int(ly)) for j, ly in enumerate(layers)])
+
+    def clear_cache(self) -> None:
+        """Forget cached inverses (call after changing the weights)."""
+        self._inverse.clear()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the translators."""
+        return self.translators[0].weight.device
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``params.pt`` (tuned-lens layout) into ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "base_model_name_or_path": self.base_model,
+            "d_model": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "bias": True,
+            "lens_type": "linear_tuned_lens",
+        }
+        (path / "config.json").write_text(json.dumps(config, indent=1))
+        torch.save(
+            {k: v.cpu() for k, v in self.translators.state_dict().items()}, path / "params.pt"
+        )
+        return path
+
+    @classmethod
+    def load(cls, path_or_model: str | Path, lens_dir: str | Path | None = None) -> TunedLens:
+        """Load a lens from a folder, from ``lens_dir/lens/<model id>``, or from the hub.
+
+        Args:
+            path_or_model: a folder with ``config.json`` and ``params.pt``, or a model id such as
+                ``EleutherAI/pythia-70m-deduped``.
+            lens_dir: a local root laid out like the published lenses (``lens/<model id>/``).
+
+        Raises:
+            FileNotFoundError: when no lens is found locally and the hub cannot provide one.
+        """
+        folder = Path(path_or_model)
+        if not (folder / "params.pt").exists() and lens_dir is not None:
+            folder = Path(lens_dir) / "lens" / str(path_or_model)
+        if (folder / "params.pt").exists() and (folder / "config.json").exists():
+            return cls._from_files(folder / "config.json", folder / "params.pt")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            kw = dict(repo_id=HUB_REPO, repo_type="space")
+            cfg = hf_hub_download(filename=f"lens/{path_or_model}/config.json", **kw)
+            params = hf_hub_download(filename=f"lens/{path_or_model}/params.pt", **kw)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"No tuned lens for {path_or_model!r}: no config.json + params.pt in {folder}, and "
+                f"the hub ({HUB_REPO}) could not provide one ({type(err).__name__}). Train one "
+                "with mlsae.lens.train_lens (params.yaml: lens.train: true)."
+            ) from err
+        return cls._from_files(Path(cfg), Path(params))
+
+    @classmethod
+    def _from_files(cls, config_file: Path, params_file: Path) -> TunedLens:
+        config = json.loads(config_file.read_text())
+        lens = cls(
+            config["d_model"],
+            config["num_hidden_layers"],
+            config.get("base_model_name_or_path", ""),
+        )
+        try:
+            state = torch.load(params_file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"Lens parameters {params_file} are unreadable: {err}") from err
+        lens.translators.load_state_dict(state)
+        return lens
+
+
+# -- training and evaluation --------------------------------------------------------------------
+def _lens_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Final norm + unembedding applied to ``(..., d)`` residuals; log-probabilities."""
+    return model.unembed(model.ln_final(resid)).float().log_softmax(-1)
+
+
+def kl_from_final(model: HookedTransformer, final_logp: torch.Tensor, resid: torch.Tensor):
+    """Per-token KL(final || lens) ``(token,)`` for residuals ``(token, d)``."""
+    logq = _lens_logprobs(model, resid)
+    return (final_logp.exp() * (final_logp - logq)).sum(-1)
+
+
+def _lens_inputs(model: HookedTransformer, acts: torch.Tensor, tokens: torch.Tensor):
+    """``(n_layers, token, d)`` inputs of translators 0..L-1 and final log-probs ``(token, vocab)``.
+
+    From cached block outputs ``(layer, token, d)``: resid_pre of block 0 is the token embedding
+    (models with rotary or no positional embeddings only), resid_pre of block i is block i-1's
+    output; the model's own distribution comes from the last block's output.
+    """
+    embed = model.embed(tokens.long().to(acts.device))[None]
+    inputs = torch.cat([embed.to(acts.dtype), acts[:-1]])
+    with torch.no_grad():
+        final = _lens_logprobs(model, acts[-1])
+    return inputs, final
+
+
+def train_lens(
+    model: HookedTransformer,
+    cache,
+    steps: int = 200,
+    batch_tokens: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-3,
+    progress: bool = True,
+) -> tuple[TunedLens, list[float]]:
+    """Fit translators so each layer's lens matches the model's final next-token distribution.
+
+    Minimises ``sum_i mean_t KL(p_final(t) || p_lens_i(t))`` (Belrose et al. 2023) over cached
+    residuals, Adam, zero-initialised translators; the model is frozen. Returns the lens and the
+    mean per-layer KL of each step.
+    """
+    if model.cfg.positional_embedding_type not in ("rotary", "alibi"):
+        raise ValueError("train_lens reads embeddings from token ids; needs a rotary model.")
+    d, n_layers = model.cfg.d_model, model.cfg.n_layers
+    lens = TunedLens(d, n_layers, model.cfg.model_name).to(model.cfg.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(lens.parameters(), lr=lr, weight_decay=weight_decay)
+    history: list[float] = []
+    bar = tqdm(total=steps, desc="lens", disable=not progress)
+    step = 0
+    while step < steps:
+        for shard in range(len(cache)):
+            acts_all = torch.from_numpy(cache.shard(shard)[:].astype("float32"))
+            toks_all = torch.from_numpy(cache.tokens(shard))
+            for start in range(0, acts_all.shape[1], batch_tokens):
+                if step >= steps:
+                    break
+                acts = acts_all[:, start : start + batch_tokens].to(model.cfg.device)
+                inputs, final = _lens_inputs(model, acts, toks_all[start : start + batch_tokens])
+                loss = torch.zeros((), device=acts.device)
+                for i in range(n_layers):
+                    h = inputs[i] + lens.translators[i](inputs[i])
+                    loss = loss + kl_from_final(model, final, h).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append(loss.item() / n_layers)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(kl=f"{history[-1]:.3f}")
+            if step >= steps:
+                break
+    bar.close()
+    lens.clear_cache()
+    return lens.eval(), history
+
+
+@torch.no_grad()
+def lens_kl_per_layer(model: HookedTransformer, lens: TunedLens | None, cache, max_tokens: int):
+    """Mean KL(final || lens) per block output over cached held-out residuals.
+
+    Entry ``l`` is for the output of block ``l`` (translator ``l + 1``); with ``lens=None`` the
+    logit lens (identity translators). The last entry is 0 by construction.
+    """
+    n_layers = model.cfg.n_layers
+    total = torch.zeros(n_layers, dtype=torch.float64)
+    seen = 0
+    for batch in cache.iter_batches(512):
+        batch = batch[:, : max_tokens - seen].to(model.cfg.device)
+        final = _lens_logprobs(model, batch[-1])
+        for layer in range(n_layers):
+            h = batch[layer] if lens is None else lens.transform(batch[layer], layer)
+            total[layer] += kl_from_final(model, final, h).double().sum().cpu()
+        seen += batch.shape[1]
+        if seen >= max_tokens:
+            break
+    return (total / seen).tolist()
+
+
+def random_lens(d_model: int, n_layers: int, scale: float = 0.3, seed: int = 0) -> TunedLens:
+    """A lens with random, non-small translators (for tests of the inverse)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = TunedLens(d_model, n_layers)
+    with torch.no_grad():
+        for t in lens.translators:
+            t.weight.copy_(torch.randn(d_model, d_model, generator=gen) * scale / d_model**0.5)
+            t.bias.copy_(torch.randn(d_model, generator=gen))
+    return lens

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from mlsae.activations import ActivationCache, residual_stream
+from mlsae.lens import TunedLens, lens_kl_per_layer, random_lens, train_lens
+from mlsae.metrics import evaluate
+from mlsae.train import TrainConfig, train
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0])
+def test_inverse_round_trip_at_every_layer(scale):
+    d, n_layers = 64, 6
+    lens = random_lens(d, n_layers, scale=scale, seed=1)
+    x = torch.randn(100, d) * 5
+    for layer in range(n_layers):
+        y = lens.transform(x, layer)
+        back = lens.invert(y, layer)
+        rel = (back - x).norm() / x.norm()
+        assert rel < 1e-5, (layer, rel.item())
+        if layer < n_layers - 1:
+            assert (y - x).norm() / x.norm() > 0.1  # the translator is not near the identity
+
+
+def test_diagonal_only_inverse_fails_the_round_trip():
+    """The original code kept only diag((I + W)^-1); that is far from exact."""
+    lens = random_lens(64, 4, scale=0.3, seed=1)
+    x = torch.randn(100, 64)
+    t = lens.translators[1]
+    y = lens.transform(x, 0)
+    inv = torch.linalg.inv(torch.eye(64) + t.weight.detach())
+    diag_only = (y - t.bias.detach()) * torch.diagonal(inv)
+    assert (diag_only - x).norm() / x.norm() > 1e-2
+    exact = lens.invert(y, 0)
+    assert (exact - x).norm() / x.norm() < 1e-5
+
+
+def test_index_convention_block_output_takes_next_translator():
+    lens = TunedLens(8, 4)
+    with torch.no_grad():
+        lens.translators[2].bias.fill_(1.0)  # acts on blocks.2.hook_resid_pre = output of block 1
+    x = torch.zeros(3, 8)
+    assert torch.equal(lens.transform(x, 1), torch.ones(3, 8))
+    for layer in (0, 2, 3):
+        assert torch.equal(lens.transform(x, layer), x)
+    assert lens.translator_index(3) is None  # last block: identity
+    with pytest.raises(IndexError):
+        lens.translator_index(4)
+
+
+def test_index_convention_on_a_tiny_model(tiny_model):
+    """Translator i acts on blocks.i.hook_resid_pre, which is block (i-1)'s output."""
+    tokens = torch.tensor([[1, 5, 6, 7, 8]])
+    resid = residual_stream(tiny_model, tokens)
+    _, cache = tiny_model.run_with_cache(tokens)
+    lens = random_lens(32, 3, seed=2)
+    for layer in range(2):
+        pre_next = cache[f"blocks.{layer + 1}.hook_resid_pre"]
+        t = lens.translators[layer + 1]
+        torch.testing.assert_close(lens.transform(resid[layer], layer), pre_next + t(pre_next))
+    torch.testing.assert_close(lens.transform(resid[2], 2), resid[2])
+
+
+def test_singular_translator_is_a_clear_error():
+    lens = TunedLens(4, 3)
+    with torch.no_grad():
+        lens.translators[1].weight.copy_(-torch.eye(4))  # I + W = 0
+    with pytest.raises(ValueError, match="translator 1 .*singular or badly conditioned"):
+        lens.invert(torch.zeros(2, 4), 0)
+
+
+def test_save_load_round_trip_and_missing_lens(tmp_path, monkeypatch):
+    lens = random_lens(16, 3, seed=3)
+    lens.save(tmp_path / "lens" / "tiny-model")
+    again = TunedLens.load("tiny-model", lens_dir=tmp_path)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(again.transform(x, 0), lens.transform(x, 0))
+    params = torch.load(tmp_path / "lens" / "tiny-model" / "params.pt")
+    assert set(params) == {f"{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="No tuned lens for 'no-such-model'"):
+        TunedLens.load("no-such-model", lens_dir=tmp_path)
+
+
+def _tiny_cache(model, path, docs_repeat=30):
+    docs = ["the cat sat on the mat and the dog went to the store", "a man gave a drink to her"]
+    return ActivationCache.build(path, model, docs * docs_repeat, 16, 4, None, progress=False)
+
+
+def test_trained_lens_beats_logit_lens_on_a_tiny_model(tiny_model, tmp_path):
+    cache = _tiny_cache(tiny_model, tmp_path / "c")
+    lens, history = train_lens(
+        tiny_model, cache, steps=60, batch_tokens=64, lr=1e-2, progress=False
+    )
+    assert history[-1] < history[0]
+    tuned = lens_kl_per_layer(tiny_model, lens, cache, 10_000)
+    logit = lens_kl_per_layer(tiny_model, None, cache, 10_000)
+    assert all(t < g for t, g in zip(tuned[:-1], logit[:-1], strict=True)), (tuned, logit)
+    assert tuned[-1] == pytest.approx(0, abs=1e-6) and logit[-1] == pytest.approx(0, abs=1e-6)
+
+
+def test_mlsae_in_lens_space_reports_both_fvus(tiny_model, tmp_path):
+    cache = _tiny_cache(tiny_model, tmp_path / "c")
+    lens = random_lens(32, 3, scale=0.5, seed=4)
+    cfg = TrainConfig(expansion_factor=2, k=4, lr=3e-3, batch_tokens=32, dead_tokens=10**6)
+    sae = train(cfg, cache, tmp_path / "run", lens=lens, progress=False)
+    tokens = [torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])]
+    res = evaluate(sae, tiny_model, tokens, lens=lens)
+    assert res["space"] == "lens"
+    assert "fvu_raw" in res["per_layer"] and "fvu" in res["per_layer"]
+    # by hand: raw-space FVU at layer 0 from the inverted reconstruction
+    x = residual_stream(tiny_model, tokens[0])[0, 0, 1:]
+    recons = lens.invert(sae(lens.transform(x, 0)).recons, 0)
+    ref = (x - recons).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert res["per_layer"]["fvu_raw"][0] == pytest.approx(ref.item(), rel=1e-4)
+    assert res["per_layer"]["fvu_raw"][0] != pytest.approx(res["per_layer"]["fvu"][0], rel=1e-3)
