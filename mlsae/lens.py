@@ -1,4 +1,4 @@
-r"""Tuned lens (Belrose et al. 2023): per-layer affine translators, their exact inverse, and training.
+r"""Tuned lens (Belrose et al. 2023): per-layer affine translators, exact inverse, training.
 
 Layout follows the tuned-lens project: ``translators[i]`` is an ``nn.Linear(d_model, d_model)`` that
 acts on ``blocks.{i}.hook_resid_pre`` (HF ``hidden_states[i]``; index 0 is the embeddings), saved as
@@ -51,19 +51,10 @@ class TunedLens(nn.Module):
 
     # -- the map for block outputs ----------------------------------------------------------------
     def translator_index(self, layer: int) -> int | None:
-        """Translator for the output of block ``layer``: ``layer + 1``, or None (identity) if last."""
+        """Translator for block ``layer``'s output: ``layer + 1``, or None (identity) if last."""
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range for a {self.n_layers}-layer lens.")
         return layer + 1 if layer + 1 < self.n_layers else None
-
-    def affine(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, b)`` with ``x' = x @ A + b`` for the output of block ``layer``; ``A = (I + W)^T``."""
-        i = self.translator_index(layer)
-        eye = torch.eye(self.d_model, device=self.device)
-        if i is None:
-            return eye, torch.zeros(self.d_model, device=self.device)
-        t = self.translators[i]
-        return eye + t.weight.T, t.bias
 
     def transform(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """``(..., d)`` output of block ``layer`` -> lens space."""
@@ -71,7 +62,7 @@ class TunedLens(nn.Module):
         return x if i is None else x + self.translators[i](x)
 
     def inverse_matrix(self, layer: int) -> torch.Tensor:
-        """``(I + W)^{-T}`` for the output of block ``layer``, computed once (float64) and cached."""
+        """``(I + W)^{-T}`` for block ``layer``'s output, computed once (float64), cached."""
         if layer not in self._inverse:
             i = self.translator_index(layer)
             eye = torch.eye(self.d_model, dtype=torch.float64, device=self.device)

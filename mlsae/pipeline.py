@@ -55,7 +55,7 @@ def train_and_evaluate(
     lens=None,
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a run, evaluate it on held-out text, write ``metrics.json`` in ``run_dir``."""
+    """Train (or resume) a run, evaluate it on held-out text, write ``run_dir/metrics.json``."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.json"
     done = run_dir / "checkpoint.pt"
