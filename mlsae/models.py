@@ -45,7 +45,9 @@ HUB_MODELS = (
     "google/gemma-2-2b",
     "meta-llama/Llama-3.2-3B",
 )
-SUPPORTED_MODELS = (OFFLINE_MODEL, *HUB_MODELS)
+TINY_MODEL = "tiny-random-llama"
+"""A 2-layer random Llama with SmolLM2's tokenizer, for pipeline tests (meaningless outputs)."""
+SUPPORTED_MODELS = (OFFLINE_MODEL, *HUB_MODELS, TINY_MODEL)
 
 
 def cache_dir() -> Path:
@@ -174,10 +176,34 @@ def load_model(
     if name == OFFLINE_MODEL:
         hf_model, tokenizer = load_smollm2_hf(dtype=dtype)
         return hooked_from_llama(hf_model, tokenizer, device=device, dtype=dtype)
+    if name == TINY_MODEL:
+        return tiny_random_llama(device=device, dtype=dtype)
     if name in HUB_MODELS:
         model = HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
         return model.eval()
     raise ValueError(f"Unknown model {name!r}. Supported models: {', '.join(SUPPORTED_MODELS)}.")
+
+
+def tiny_random_llama(device="cpu", dtype=torch.float32, seed: int = 0) -> HookedTransformer:
+    """A seeded random 2-layer Llama (d_model 64) with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = load_smollm2_hf(dtype=dtype)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    hf_model = LlamaForCausalLM(config).to(dtype).eval()
+    model = hooked_from_llama(hf_model, tokenizer, device=device, dtype=dtype)
+    model.cfg.model_name = TINY_MODEL
+    return model
 
 
 def special_token_ids(model: HookedTransformer) -> list[int]:

@@ -5,17 +5,17 @@ Each returns plain data and writes small JSON files, so notebooks only drive and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
-import torch
 from transformer_lens import HookedTransformer
 
 from mlsae.activations import ActivationCache
 from mlsae.data import token_batches
 from mlsae.metrics import evaluate
-from mlsae.train import TrainConfig, load_sae, train
+from mlsae.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ def train_and_evaluate(
     """Train (or resume) a run, evaluate it on held-out text, write ``run_dir/metrics.json``."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.json"
-    done = run_dir / "checkpoint.pt"
-    budget = cache.n_tokens if cfg.max_tokens is None else min(cfg.max_tokens, cache.n_tokens)
-    if done.exists() and torch.load(done, weights_only=False)["tokens_seen"] >= budget:
-        sae = load_sae(done, cfg.device)
-    else:
-        sae = train(cfg, cache, run_dir, lens=lens, progress=progress)
+    sae = train(cfg, cache, run_dir, lens=lens, progress=progress)
     batches = token_batches(
         test_docs, model.tokenizer, context_length, eval_batch_size, eval_tokens
     )
@@ -71,3 +66,136 @@ def train_and_evaluate(
     result["config"] = {k: v for k, v in vars(cfg).items() if k != "extra"} | cfg.extra
     metrics_file.write_text(json.dumps(result, indent=1))
     return result
+
+
+def cache_paths(params, out_dir: str | Path = ".") -> dict[str, Path]:
+    """Where the train/test activation caches live (rebuilt when model or data settings change)."""
+    root = Path(out_dir) / params.base.cache_dir / "activations"
+    return {"train": root / "train", "test": root / "test"}
+
+
+def lens_path(params, out_dir: str | Path = ".") -> Path:
+    """Folder of the model's tuned lens (layout of the published lenses: lens/<model id>/)."""
+    return Path(out_dir) / params.lens.lens_dir / "lens" / params.base.model
+
+
+def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):
+    """Train and evaluate sweep entry ``run``; write ``results/runs/<run>.json``."""
+    from mlsae.data import load_corpus, split_documents
+    from mlsae.lens import TunedLens
+
+    if run not in params.sweep:
+        raise KeyError(f"Unknown sweep run {run!r}; params.yaml has {sorted(params.sweep)}.")
+    entry, out_dir = params.sweep[run], Path(out_dir)
+    lens, lens_sha = None, None
+    if entry.lens:
+        folder = lens_path(params, out_dir)
+        lens = TunedLens.load(folder).to(params.base.device)
+        lens_sha = hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+    _, test_docs = split_documents(
+        load_corpus(params.base.corpus), params.data.test_fraction, params.base.seed
+    )
+    cfg = TrainConfig(
+        expansion_factor=entry.expansion_factor,
+        k=entry.k,
+        k_aux=params.train.k_aux,
+        aux_coef=params.train.aux_coef,
+        dead_tokens=params.train.dead_tokens,
+        lr=params.train.lr,
+        adam_eps=params.train.adam_eps,
+        batch_tokens=params.train.batch_tokens,
+        max_tokens=params.data.train_tokens,
+        seed=params.base.seed,
+        checkpoint_every=params.train.checkpoint_tokens,
+        device=params.base.device,
+        extra={
+            "run": run,
+            "model": params.base.model,
+            "corpus": params.base.corpus,
+            "lens": entry.lens,
+            "lens_sha": lens_sha,
+        },
+    )
+    run_dir = out_dir / params.base.cache_dir / "runs" / run
+    result = train_and_evaluate(
+        cfg,
+        ActivationCache(cache_paths(params, out_dir)["train"]),
+        run_dir,
+        model,
+        test_docs,
+        context_length=params.data.context_length,
+        eval_batch_size=params.data.batch_contexts,
+        eval_tokens=params.eval.eval_tokens,
+        ce_batches=params.eval.ce_batches,
+        lens=lens,
+    )
+    results = out_dir / "results" / "runs"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{run}.json").write_text(json.dumps(result, indent=1))
+    return result, run_dir
+
+
+class Table:
+    """A tiny table with CSV and Markdown output (no pandas/tabulate dependency)."""
+
+    def __init__(self, columns: list[str], rows: list[list]):
+        self.columns, self.rows = columns, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @staticmethod
+    def _fmt(v, floatfmt: str = ".3f") -> str:
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    def to_csv(self, path: str | Path, index: bool = False) -> None:
+        """Write CSV."""
+        lines = [",".join(self.columns)]
+        lines += [",".join(self._fmt(v, ".6g") for v in row) for row in self.rows]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+    def to_markdown(self, index: bool = False, floatfmt: str = ".3f") -> str:
+        """Markdown pipe table."""
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(self._fmt(v, floatfmt) for v in r) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def table1(runs: dict[str, dict], params) -> Table:
+    """The paper's Table 1 for our runs: mean over layers of FVU, L1 and delta CE."""
+    cols = [
+        "run",
+        "model",
+        "corpus",
+        "R",
+        "k",
+        "lens",
+        "FVU",
+        "FVU (raw space)",
+        "L1",
+        "delta CE",
+        "KL",
+        "test tokens",
+        "CE tokens",
+    ]
+    rows = []
+    for name, res in runs.items():
+        entry, mean = params.sweep[name], res["mean"]
+        rows.append(
+            [
+                name,
+                params.base.model,
+                params.base.corpus,
+                entry.expansion_factor,
+                entry.k,
+                "yes" if entry.lens else "no",
+                mean["fvu"],
+                mean.get("fvu_raw", mean["fvu"]),
+                mean["l1"],
+                mean.get("delta_ce", float("nan")),
+                mean.get("kl", float("nan")),
+                res["n_tokens"],
+                res["n_ce_tokens"],
+            ]
+        )
+    return Table(cols, rows)

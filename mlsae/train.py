@@ -155,6 +155,12 @@ def train(
     tokens_seen, step = 0, 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        if not same_run(state.get("train_config", {}), asdict(cfg)):
+            stale = ckpt_path.with_name("checkpoint.stale.pt")
+            logger.warning("%s was trained with other settings; moved to %s", ckpt_path, stale)
+            os.replace(ckpt_path, stale)
+            resume = False
+    if resume and ckpt_path.exists():
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["optimizer"])
         tokens_seen, step = state["tokens_seen"], state["step"]
@@ -227,6 +233,16 @@ def train(
     bar.close()
     checkpoint()
     return sae.eval()
+
+
+RESUMABLE_CHANGES = {"max_tokens", "checkpoint_every", "log_every", "device"}
+"""Settings a run may change between resumes; any other change starts the run afresh."""
+
+
+def same_run(saved: dict, current: dict) -> bool:
+    """Whether a checkpoint's training config describes the same run as ``current``."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    return all(saved.get(k) == current.get(k) for k in keys)
 
 
 def _next_multiple(tokens: int, every: int | None) -> int | None:

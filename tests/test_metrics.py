@@ -89,3 +89,25 @@ def test_evaluate_matches_direct_computation(tiny_model):
         err = (x[layer] - recons[layer]).pow(2).sum()
         total = (x[layer] - x[layer].mean(0)).pow(2).sum()
         assert res["per_layer"]["fvu"][layer] == pytest.approx((err / total).item(), rel=1e-4)
+
+
+def test_residual_drift_hand_computed(tmp_path):
+    import json
+
+    import numpy as np
+
+    from mlsae.activations import ActivationCache
+    from mlsae.metrics import residual_drift
+
+    # layer 0: e1 and e2; layer 1: the same (cos 1); layer 2: rotated by 90 degrees (cos 0)
+    acts = np.array([[[1, 0], [0, 1]], [[2, 0], [0, 2]], [[0, 3], [-3, 0]]], dtype=np.float16)
+    (tmp_path / "c").mkdir()
+    np.save(tmp_path / "c" / "s.npy", acts)
+    np.save(tmp_path / "c" / "s.tokens.npy", np.zeros(2, dtype=np.int32))
+    meta = {"shards": ["s"], "n_layers": 3, "d_model": 2, "n_tokens": 2}
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    out = residual_drift(ActivationCache(tmp_path / "c"), 10)
+    assert out["cosine"] == pytest.approx([1.0, 0.0])
+    assert out["norm"] == pytest.approx([1.0, 2.0, 3.0])
+    # centring: layer means (0.5, 0.5), (1, 1), (-1.5, 1.5); centred pairs stay aligned/orthogonal
+    assert out["cosine_centred"] == pytest.approx([1.0, 0.0], abs=1e-12)

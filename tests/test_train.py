@@ -87,3 +87,12 @@ def test_bad_config_values():
         TrainConfig(expansion_factor=0)
     with pytest.raises(ValueError, match="batch_tokens must be positive"):
         TrainConfig(batch_tokens=0)
+
+
+def test_changed_settings_start_afresh_instead_of_reusing_a_stale_checkpoint(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    train(cfg(max_tokens=640), cache, tmp_path / "run", progress=False)
+    sae = train(cfg(max_tokens=640, k=2), cache, tmp_path / "run", progress=False)
+    assert sae.k == 2
+    assert (tmp_path / "run" / "checkpoint.stale.pt").exists()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["k"] == 2

@@ -1,0 +1,201 @@
+"""params.yaml -> validated dataclasses, before any compute.
+
+Every section is a dataclass mirroring the YAML 1:1; unknown keys get a did-you-mean, wrong types
+and impossible values (k > n_latents, non-positive sizes) a clear `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml, named by its dotted key."""
+
+
+@dataclass
+class Base:
+    """Shared settings."""
+
+    seed: int = 0
+    model: str = "smollm2-135m"
+    corpus: str = "brown"
+    cache_dir: str = "cache"
+    device: str = "cpu"
+
+
+@dataclass
+class Data:
+    """Corpus split and tokenization."""
+
+    test_fraction: float = 0.1
+    context_length: int = 256
+    batch_contexts: int = 8
+    train_tokens: int = 120_000
+    test_tokens: int = 8192
+
+
+@dataclass
+class Train:
+    """SAE training (shared by every sweep run)."""
+
+    lr: float = 1e-3
+    adam_eps: float = 6.25e-10
+    batch_tokens: int = 128
+    aux_coef: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int = 5000
+    checkpoint_tokens: int = 20_000
+
+
+@dataclass
+class Lens:
+    """Tuned lens: train one, or load a published one from ``lens_dir``/the hub."""
+
+    train: bool = True
+    steps: int = 100
+    batch_tokens: int = 128
+    lr: float = 1e-3
+    lens_dir: str = "cache/lens"
+
+
+@dataclass
+class Eval:
+    """Evaluation on the held-out split."""
+
+    eval_tokens: int = 8192
+    ce_batches: int = 1
+
+
+@dataclass
+class Analysis:
+    """Residual-stream drift and latent analyses."""
+
+    drift_tokens: int = 4096
+
+
+@dataclass
+class Run:
+    """One sweep entry."""
+
+    expansion_factor: float = 8
+    k: int = 32
+    lens: bool = False
+
+
+@dataclass
+class Params:
+    """All of params.yaml."""
+
+    base: Base = field(default_factory=Base)
+    data: Data = field(default_factory=Data)
+    train: Train = field(default_factory=Train)
+    lens: Lens = field(default_factory=Lens)
+    eval: Eval = field(default_factory=Eval)
+    analysis: Analysis = field(default_factory=Analysis)
+    sweep: dict[str, Run] = field(default_factory=lambda: {"r8-k32": Run()})
+
+
+def _check_type(value, annotation, key: str):
+    hint = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else None
+    if hint is not None:
+        return _build(annotation, value, key)
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}.")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}.")
+    return value
+
+
+def _build(cls, raw, key: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for name, value in raw.items():
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" Did you mean {key}.{close[0]!r}?" if close else ""
+            raise ConfigError(f"Unknown key {key}.{name!r}.{hint} Known: {', '.join(names)}.")
+        values[name] = _check_type(value, hints[name], f"{key}.{name}")
+    return cls(**values)
+
+
+def from_dict(raw: dict) -> Params:
+    """Validate a params mapping; raises `ConfigError` naming the first problem."""
+    raw = dict(raw or {})
+    sweep_raw = raw.pop("sweep", None)
+    params = _build(Params, raw, "params")
+    if sweep_raw is not None:
+        if not isinstance(sweep_raw, dict) or not sweep_raw:
+            raise ConfigError("sweep: expected a non-empty mapping of run name -> settings.")
+        params.sweep = {name: _build(Run, r, f"sweep.{name}") for name, r in sweep_raw.items()}
+    validate(params)
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"No params file at {path}.")
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+def _positive(key: str, value) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}.")
+
+
+def validate(p: Params, d_model: int | None = None, n_ctx: int | None = None) -> None:
+    """Check values that types cannot; with ``d_model``/``n_ctx`` also model-dependent ones."""
+    for key in ("context_length", "batch_contexts", "train_tokens", "test_tokens"):
+        _positive(f"data.{key}", getattr(p.data, key))
+    if not 0 < p.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {p.data.test_fraction}.")
+    for key in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux"):
+        _positive(f"train.{key}", getattr(p.train, key))
+    _positive("lens.steps", p.lens.steps)
+    _positive("eval.eval_tokens", p.eval.eval_tokens)
+    if n_ctx is not None and p.data.context_length > n_ctx:
+        raise ConfigError(
+            f"data.context_length {p.data.context_length} exceeds the model's n_ctx {n_ctx}."
+        )
+    for name, run in p.sweep.items():
+        _positive(f"sweep.{name}.expansion_factor", run.expansion_factor)
+        _positive(f"sweep.{name}.k", run.k)
+        if d_model is not None:
+            n_latents = int(round(run.expansion_factor * d_model))
+            if run.k > n_latents:
+                raise ConfigError(
+                    f"sweep.{name}.k = {run.k} exceeds n_latents = {n_latents} "
+                    f"(expansion_factor {run.expansion_factor} x d_model {d_model})."
+                )
+            if p.train.k_aux is not None and p.train.k_aux > n_latents:
+                raise ConfigError(
+                    f"train.k_aux = {p.train.k_aux} exceeds n_latents = {n_latents} "
+                    f"for sweep.{name}."
+                )
+
+
+def as_dict(p: Params) -> dict:
+    """Plain-dict form (for saving with results)."""
+    return dataclasses.asdict(p)
