@@ -130,12 +130,14 @@ def _build(cls, raw, key: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
+    prefix = f"{key}." if key else ""
     for name, value in raw.items():
         if name not in names:
             close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f" Did you mean {key}.{close[0]!r}?" if close else ""
-            raise ConfigError(f"Unknown key {key}.{name!r}.{hint} Known: {', '.join(names)}.")
-        values[name] = _check_type(value, hints[name], f"{key}.{name}")
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            known = ", ".join(names)
+            raise ConfigError(f"Unknown key '{prefix}{name}'.{hint} Known here: {known}.")
+        values[name] = _check_type(value, hints[name], f"{prefix}{name}")
     return cls(**values)
 
 
@@ -143,7 +145,7 @@ def from_dict(raw: dict) -> Params:
     """Validate a params mapping; raises `ConfigError` naming the first problem."""
     raw = dict(raw or {})
     sweep_raw = raw.pop("sweep", None)
-    params = _build(Params, raw, "params")
+    params = _build(Params, raw, "")
     if sweep_raw is not None:
         if not isinstance(sweep_raw, dict) or not sweep_raw:
             raise ConfigError("sweep: expected a non-empty mapping of run name -> settings.")

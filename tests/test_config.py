@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlsae import config
+from mlsae.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_are_valid():
+    p = config.load(ROOT / "params.yaml")
+    assert p.base.model == "smollm2-135m" and "r8-k32" in p.sweep
+    config.validate(p, d_model=576, n_ctx=8192)
+
+
+def test_unknown_key_with_did_you_mean():
+    raw = base()
+    raw["train"]["learning_rate"] = 1e-3
+    with pytest.raises(ConfigError, match=r"Unknown key 'train.learning_rate'"):
+        config.from_dict(raw)
+    raw = base()
+    raw["train"]["dead_token"] = 5
+    with pytest.raises(ConfigError, match=r"Did you mean 'train.dead_tokens'\?"):
+        config.from_dict(raw)
+    raw = base()
+    raw["sweeps"] = {}
+    with pytest.raises(ConfigError, match=r"Unknown key 'sweeps'. Did you mean 'sweep'\?"):
+        config.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("data", "context_length", "256", "data.context_length: expected an integer"),
+        ("train", "lr", "fast", "train.lr: expected float"),
+        ("lens", "train", "yes", "lens.train: expected true/false"),
+        ("data", "train_tokens", 0, "data.train_tokens must be positive"),
+        ("data", "test_fraction", 1.5, r"data.test_fraction must be in \(0, 1\)"),
+    ],
+)
+def test_wrong_types_and_values(section, key, value, message):
+    raw = base()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        config.from_dict(raw)
+
+
+def test_sweep_entry_checks():
+    raw = base()
+    raw["sweep"]["bad"] = {"expansion_factor": -1, "k": 32, "lens": False}
+    with pytest.raises(ConfigError, match="sweep.bad.expansion_factor must be positive"):
+        config.from_dict(raw)
+    raw = base()
+    raw["sweep"]["big-k"] = {"expansion_factor": 1, "k": 1024, "lens": False}
+    p = config.from_dict(raw)  # k vs n_latents needs d_model
+    with pytest.raises(ConfigError, match="sweep.big-k.k = 1024 exceeds n_latents = 576"):
+        config.validate(p, d_model=576)
+    raw = base()
+    raw["train"]["k_aux"] = 100_000
+    with pytest.raises(ConfigError, match="train.k_aux = 100000 exceeds n_latents"):
+        config.validate(config.from_dict(raw), d_model=576)
+
+
+def test_context_longer_than_model_allows():
+    raw = base()
+    raw["data"]["context_length"] = 100_000
+    with pytest.raises(ConfigError, match="exceeds the model's n_ctx 8192"):
+        config.validate(config.from_dict(raw), n_ctx=8192)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="No params file"):
+        config.load(tmp_path / "nope.yaml")
