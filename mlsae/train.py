@@ -193,6 +193,10 @@ def train(
             if tokens_seen >= budget:
                 break
             x = x[:, : budget - tokens_seen].to(cfg.device)  # (layer, token, d_model)
+            if x.shape[1] < cfg.batch_tokens:
+                # An incomplete last batch is dropped: with one layer and one token its FVU
+                # denominator is zero, and small batches give noisy steps anyway.
+                break
             if not torch.isfinite(x).all():
                 raise NonFiniteError(
                     f"NaN/inf in activations at step {step} (tokens {tokens_seen}); "

@@ -96,3 +96,11 @@ def test_changed_settings_start_afresh_instead_of_reusing_a_stale_checkpoint(tmp
     assert sae.k == 2
     assert (tmp_path / "run" / "checkpoint.stale.pt").exists()
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["k"] == 2
+
+
+def test_incomplete_last_batch_is_dropped_not_nan(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    # 2048 tokens, 7 steps of 64 then a 1-token remainder under a 449-token budget
+    train(cfg(layers=[0], max_tokens=449), cache, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["tokens_seen"] == 448 and state["step"] == 7
