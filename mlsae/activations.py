@@ -139,11 +139,16 @@ class ActivationCache:
         shards, n_tokens = [], 0
         chunks = iter_residuals(model, docs, context_length, batch_size, max_tokens, progress)
         for i, chunk in enumerate(chunks):
-            acts = chunk.acts.float()
-            if not torch.isfinite(acts).all():
+            if not torch.isfinite(chunk.acts).all():
                 raise ValueError(f"Non-finite residuals in batch {i} while building {path}.")
+            acts = chunk.acts.cpu().numpy().astype(np.float16)
+            if not np.isfinite(acts).all():
+                raise ValueError(
+                    f"Residuals in batch {i} exceed the float16 range (max |x| = "
+                    f"{chunk.acts.abs().max().item():.3g}) while building {path}."
+                )
             name = f"shard_{i:05d}"
-            np.save(tmp / f"{name}.npy", acts.cpu().numpy().astype(np.float16))
+            np.save(tmp / f"{name}.npy", acts)
             np.save(tmp / f"{name}.tokens.npy", chunk.token_ids.cpu().numpy().astype(np.int32))
             shards.append(name)
             n_tokens += acts.shape[1]

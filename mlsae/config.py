@@ -79,6 +79,12 @@ class Analysis:
     """Residual-stream drift and latent analyses."""
 
     drift_tokens: int = 4096
+    baseline_run: str = "r8-k32"
+    """Sweep entry whose size and budget the single-layer baselines copy."""
+    baseline_layers: list[int] = field(default_factory=lambda: [0, 6, 12, 18, 24, 29])
+    """Layers with a single-layer SAE (train layer x eval layer matrices over these)."""
+    baseline_ce_contexts: int = 4
+    """Contexts of held-out text for the delta-CE matrix."""
 
 
 @dataclass
@@ -88,6 +94,8 @@ class Run:
     expansion_factor: float = 8
     k: int = 32
     lens: bool = False
+    train_tokens: int | None = None
+    """Training budget of this run (None: data.train_tokens)."""
 
 
 @dataclass
@@ -113,6 +121,11 @@ def _check_type(value, annotation, key: str):
         if value is None and type(None) in args:
             return None
         annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}.")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and not isinstance(value, bool):
@@ -167,8 +180,10 @@ def _positive(key: str, value) -> None:
         raise ConfigError(f"{key} must be positive, got {value}.")
 
 
-def validate(p: Params, d_model: int | None = None, n_ctx: int | None = None) -> None:
-    """Check values that types cannot; with ``d_model``/``n_ctx`` also model-dependent ones."""
+def validate(
+    p: Params, d_model: int | None = None, n_ctx: int | None = None, n_layers: int | None = None
+) -> None:
+    """Check values that types cannot; with the model's sizes also model-dependent ones."""
     for key in ("context_length", "batch_contexts", "train_tokens", "test_tokens"):
         _positive(f"data.{key}", getattr(p.data, key))
     if not 0 < p.data.test_fraction < 1:
@@ -181,7 +196,19 @@ def validate(p: Params, d_model: int | None = None, n_ctx: int | None = None) ->
         raise ConfigError(
             f"data.context_length {p.data.context_length} exceeds the model's n_ctx {n_ctx}."
         )
+    if p.analysis.baseline_run not in p.sweep:
+        raise ConfigError(
+            f"analysis.baseline_run {p.analysis.baseline_run!r} is not a sweep entry "
+            f"({', '.join(p.sweep)})."
+        )
+    if n_layers is not None:
+        bad = [ly for ly in p.analysis.baseline_layers if not 0 <= ly < n_layers]
+        if bad:
+            raise ConfigError(
+                f"analysis.baseline_layers {bad} out of range for a {n_layers}-layer model."
+            )
     for name, run in p.sweep.items():
+        _positive(f"sweep.{name}.train_tokens", run.train_tokens)
         _positive(f"sweep.{name}.expansion_factor", run.expansion_factor)
         _positive(f"sweep.{name}.k", run.k)
         if d_model is not None:

@@ -7,7 +7,8 @@ r"""Evaluation metrics, each stated as a formula, accumulated in float64 over an
   (the paper's Table 1 "L1 norm").
 * delta CE at layer l: the output of block l at every non-special position is replaced by its
   reconstruction (mapped back through the inverse lens when there is one), the model runs on from
-  block l + 1, and the clean next-token cross-entropy is subtracted; mean over predicted tokens.
+  block l + 1, and the clean next-token cross-entropy is subtracted; mean over the predictions
+  made at replaced (non-special) positions.
 * KL at layer l: :math:`KL(p_{clean} \| p_{patched})` per predicted token, averaged over tokens
   (the original code summed over positions, NOTES.md defect 7).
 * MMCS: for dictionaries A and B, the mean over latents of A of the max cosine similarity with any
@@ -133,13 +134,16 @@ def delta_ce_kl(
     keep = ~special_mask(tokens, special_token_ids(model))
     d_ce = torch.zeros(n_layers, dtype=torch.float64)
     kl = torch.zeros(n_layers, dtype=torch.float64)
+    # Predictions made at special positions (BOS, EOS) are left out of the mean: those
+    # positions are not replaced, and at BOS the prediction cannot change at all.
+    scored = keep[:, :-1]
     for layer in layers:
         patched = resid[layer].clone()
         patched[keep] = reconstruct(resid[layer][keep], layer).to(patched.dtype)
         logits = patched_logits(model, patched, layer)
-        d_ce[layer] = (next_token_ce(logits, tokens) - clean_ce).sum().cpu()
-        kl[layer] = kl_per_token(clean, logits).sum().cpu()
-    return {"delta_ce": d_ce, "kl": kl, "n": torch.tensor(float(clean_ce.numel()))}
+        d_ce[layer] = (next_token_ce(logits, tokens) - clean_ce)[scored].sum().cpu()
+        kl[layer] = kl_per_token(clean, logits)[scored].sum().cpu()
+    return {"delta_ce": d_ce, "kl": kl, "n": scored.sum().double().cpu()}
 
 
 def mmcs(dict_a: torch.Tensor, dict_b: torch.Tensor | None = None, chunk: int = 4096) -> float:

@@ -79,23 +79,12 @@ def lens_path(params, out_dir: str | Path = ".") -> Path:
     return Path(out_dir) / params.lens.lens_dir / "lens" / params.base.model
 
 
-def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):
-    """Train and evaluate sweep entry ``run``; write ``results/runs/<run>.json``."""
-    from mlsae.data import load_corpus, split_documents
-    from mlsae.lens import TunedLens
-
+def train_config(params, run: str, layers: list[int] | None = None, lens_sha=None) -> TrainConfig:
+    """The `TrainConfig` of sweep entry ``run`` (on ``layers``; None: every layer)."""
     if run not in params.sweep:
         raise KeyError(f"Unknown sweep run {run!r}; params.yaml has {sorted(params.sweep)}.")
-    entry, out_dir = params.sweep[run], Path(out_dir)
-    lens, lens_sha = None, None
-    if entry.lens:
-        folder = lens_path(params, out_dir)
-        lens = TunedLens.load(folder).to(params.base.device)
-        lens_sha = hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
-    _, test_docs = split_documents(
-        load_corpus(params.base.corpus), params.data.test_fraction, params.base.seed
-    )
-    cfg = TrainConfig(
+    entry = params.sweep[run]
+    return TrainConfig(
         expansion_factor=entry.expansion_factor,
         k=entry.k,
         k_aux=params.train.k_aux,
@@ -104,7 +93,8 @@ def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | P
         lr=params.train.lr,
         adam_eps=params.train.adam_eps,
         batch_tokens=params.train.batch_tokens,
-        max_tokens=params.data.train_tokens,
+        max_tokens=entry.train_tokens or params.data.train_tokens,
+        layers=layers,
         seed=params.base.seed,
         checkpoint_every=params.train.checkpoint_tokens,
         device=params.base.device,
@@ -116,13 +106,36 @@ def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | P
             "lens_sha": lens_sha,
         },
     )
+
+
+def test_documents(params) -> list[str]:
+    """The held-out documents of ``params``'s corpus split."""
+    from mlsae.data import load_corpus, split_documents
+
+    docs = load_corpus(params.base.corpus)
+    return split_documents(docs, params.data.test_fraction, params.base.seed)[1]
+
+
+def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):
+    """Train and evaluate sweep entry ``run``; write ``results/runs/<run>.json``."""
+    from mlsae.lens import TunedLens
+
+    if run not in params.sweep:
+        raise KeyError(f"Unknown sweep run {run!r}; params.yaml has {sorted(params.sweep)}.")
+    out_dir = Path(out_dir)
+    lens, lens_sha = None, None
+    if params.sweep[run].lens:
+        folder = lens_path(params, out_dir)
+        lens = TunedLens.load(folder).to(params.base.device)
+        lens_sha = hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+    cfg = train_config(params, run, lens_sha=lens_sha)
     run_dir = out_dir / params.base.cache_dir / "runs" / run
     result = train_and_evaluate(
         cfg,
         ActivationCache(cache_paths(params, out_dir)["train"]),
         run_dir,
         model,
-        test_docs,
+        test_documents(params),
         context_length=params.data.context_length,
         eval_batch_size=params.data.batch_contexts,
         eval_tokens=params.eval.eval_tokens,
@@ -199,3 +212,68 @@ def table1(runs: dict[str, dict], params) -> Table:
             ]
         )
     return Table(cols, rows)
+
+
+def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -> dict:
+    """Train single-layer SAEs at ``analysis.baseline_layers``; write ``results/baselines.json``.
+
+    The matrices have one row per single-layer SAE (train layer) and a last row for the MLSAE of
+    ``analysis.baseline_run``, all evaluated on the same held-out tokens at each baseline layer.
+    """
+    from mlsae.baselines import delta_ce_matrix, fvu_matrix
+    from mlsae.train import load_sae
+
+    out_dir, run = Path(out_dir), params.analysis.baseline_run
+    layers = list(params.analysis.baseline_layers)
+    paths = cache_paths(params, out_dir)
+    train_cache = ActivationCache(paths["train"])
+    runs_dir = out_dir / params.base.cache_dir / "runs"
+    saes = {}
+    for layer in layers:
+        cfg = train_config(params, run, layers=[layer])
+        saes[layer] = train(cfg, train_cache, runs_dir / f"single-{run}-l{layer}").eval()
+    saes["mlsae"] = load_sae(runs_dir / run / "checkpoint.pt", params.base.device).eval()
+    fvu = fvu_matrix(saes, ActivationCache(paths["test"]), layers, params.eval.eval_tokens)
+    tokens = next(
+        token_batches(
+            test_documents(params),
+            model.tokenizer,
+            params.data.context_length,
+            params.analysis.baseline_ce_contexts,
+        )
+    )
+    d_ce, kl = delta_ce_matrix(saes, model, tokens, layers)
+    result = {
+        "layers": layers,
+        "rows": [f"single layer {ly}" for ly in layers] + [f"MLSAE {run}"],
+        "run": run,
+        "fvu": fvu.tolist(),
+        "delta_ce": d_ce.tolist(),
+        "kl": kl.tolist(),
+        "n_fvu_tokens": min(params.eval.eval_tokens, ActivationCache(paths["test"]).n_tokens),
+        "n_ce_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1)),
+        "model": params.base.model,
+        "corpus": params.base.corpus,
+    }
+    (out_dir / "results").mkdir(exist_ok=True)
+    (out_dir / "results" / "baselines.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def sweep_groups(params) -> dict[str, list[str]]:
+    """Sweep entries that vary R at the baseline run's k, and k at its R (lens and no lens)."""
+    ref = params.sweep[params.analysis.baseline_run]
+    groups: dict[str, list[str]] = {}
+    for name, entry in params.sweep.items():
+        suffix = " + lens" if entry.lens else ""
+        if entry.train_tokens not in (
+            None,
+            params.sweep[params.analysis.baseline_run].train_tokens,
+        ):
+            continue
+        if entry.k == ref.k:
+            groups.setdefault(f"R{suffix}", []).append(name)
+        if entry.expansion_factor == ref.expansion_factor:
+            groups.setdefault(f"k{suffix}", []).append(name)
+    key = {"R": lambda n: params.sweep[n].expansion_factor, "k": lambda n: params.sweep[n].k}
+    return {g: sorted(names, key=key[g[0]]) for g, names in groups.items()}

@@ -8,7 +8,7 @@ training example. With per-vector standardization :math:`s(x) = (x - \mu_x) / (\
 
     h = \mathrm{ReLU}(\mathrm{TopK}(W_{enc} (s(x) - b_{pre})))          \quad (1)
 
-    \hat{x} = s^{-1}(W_{dec} h + b_{pre})                                \quad (2)
+    \hat{x} = \sigma_x (W_{dec} h + b_{pre}) + \mu_x                     \quad (2)
 
     \mathcal{L} = \mathrm{FVU}(x, \hat{x}) + \alpha\,\mathrm{AuxK}       \quad (7)
 
@@ -23,7 +23,8 @@ reference code, the error reconstruction :math:`\hat e = W_{dec} h_{dead}` carri
 has the bias subtracted out already), the target is detached, and the squared error is normalised
 by the variance of ``e`` over the batch so ``alpha = 1/32`` has the scale the paper assumes.
 
-A latent is dead when it has not been among the top-k at any layer for ``dead_tokens`` tokens;
+A latent is dead when it has not fired (been among the top-k with a positive value) at any layer
+for ``dead_tokens`` tokens;
 the counter advances by the number of *tokens* in a batch, whatever the number of layers
 (defect 3 counted micro-batches).
 """
@@ -50,7 +51,7 @@ class ForwardOutput(NamedTuple):
     indices: torch.Tensor
     """``(..., k)`` latent indices of the top-k."""
     fvu: torch.Tensor
-    """Scalar FVU of the batch in the input space (the reconstruction loss)."""
+    """Scalar FVU in the input space, per layer then averaged over layers (the loss term)."""
     auxk_loss: torch.Tensor
     """Scalar normalised AuxK loss (0 when no latent is dead)."""
     loss: torch.Tensor
@@ -72,14 +73,17 @@ def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained over a batch of vectors ``(..., d)``.
+    """Fraction of variance unexplained, averaged over layers.
 
-    ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, the mean taken per dimension over the batch.
+    For ``(token, d)``: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, the mean taken per
+    dimension over the tokens. For ``(layer, token, d)``: that FVU per layer, then the unweighted
+    mean over layers, so every layer counts equally whatever its variance (pooling the layers
+    would weight each by its variance, the MSE behaviour the paper chose FVU to avoid).
     """
-    x2 = x.reshape(-1, x.shape[-1])
-    err = (x2 - x_hat.reshape(x2.shape)).pow(2).sum()
-    total = (x2 - x2.mean(dim=0)).pow(2).sum()
-    return err / total.clamp_min(torch.finfo(x.dtype).tiny)
+    x3 = x.reshape(-1, *x.shape[-2:])  # (layer, token, d)
+    err = (x3 - x_hat.reshape(x3.shape)).pow(2).sum((1, 2))
+    total = (x3 - x3.mean(dim=1, keepdim=True)).pow(2).sum((1, 2))
+    return (err / total.clamp_min(torch.finfo(x.dtype).tiny)).mean()
 
 
 def geometric_median(points: torch.Tensor, n_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -187,7 +191,7 @@ class MLSAE(nn.Module):
     ) -> torch.Tensor:
         """Decode and undo the standardization: ``(..., d)`` in the input space."""
         out = self.decode_std(values, indices)
-        return out * (std + EPS) + mu if self.standardize else out
+        return out * std + mu if self.standardize else out
 
     def dense_latents(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``(..., n_latents)`` dense latent vector (for analysis and tests, not training)."""
@@ -207,11 +211,12 @@ class MLSAE(nn.Module):
         pre = self.pre_activations(x_std)
         values, indices = self._topk(pre)
         recons_std = self.decode_std(values, indices)
-        recons = recons_std * (std + EPS) + mu if self.standardize else recons_std
+        # Undo as SAELens's layer_norm does (x * std + mu), so exports reproduce us exactly.
+        recons = recons_std * std + mu if self.standardize else recons_std
         loss_fvu = fvu(x, recons)
         if self.training:
             auxk = self.auxk_loss(pre, (x_std - recons_std).detach())
-            self.update_dead_(indices, n_tokens=x.shape[-2])
+            self.update_dead_(indices, n_tokens=x.shape[-2], values=values)
         else:
             auxk = pre.new_zeros(())
         return ForwardOutput(
@@ -240,11 +245,18 @@ class MLSAE(nn.Module):
         return self.dead_mask().float().mean().item()
 
     @torch.no_grad()
-    def update_dead_(self, indices: torch.Tensor, n_tokens: int) -> None:
-        """Advance the counters by ``n_tokens``; reset those of latents in ``indices``."""
+    def update_dead_(
+        self, indices: torch.Tensor, n_tokens: int, values: torch.Tensor | None = None
+    ) -> None:
+        """Advance the counters by ``n_tokens``; reset those of latents that fired.
+
+        A latent fired if it is in ``indices`` with a positive value (a top-k latent that the ReLU
+        zeroes did not fire); without ``values`` every selected latent counts.
+        """
         self.tokens_since_fired += n_tokens
         fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
-        fired[indices.flatten()] = True
+        selected = indices if values is None else indices[values > 0]
+        fired[selected.flatten()] = True
         self.tokens_since_fired[fired] = 0
 
     # -- initialisation and constraints -----------------------------------------------------------

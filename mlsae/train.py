@@ -4,7 +4,7 @@ Readable top to bottom: each step takes ``batch_tokens`` tokens at every trained
 ``batch_tokens * n_layers`` vectors), computes ``FVU + aux_coef * AuxK``, removes the decoder
 gradient parallel to each latent, steps Adam, and renormalises the decoder. The token budget and
 the dead-latent window are counted in tokens. Checkpoints (weights, optimizer, dead-latent counters,
-config, tokens seen, RNG state) are written atomically (temporary file, then rename) and the
+config, tokens seen, step) are written atomically (temporary file, then rename) and the
 previous one is kept, so a crash never leaves the run without a loadable checkpoint.
 """
 
@@ -96,7 +96,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     if path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
+        # Hard-link the current file as .prev, then swap the new one in with one atomic rename:
+        # at every moment checkpoint.pt is a complete checkpoint.
+        prev = path.with_name(path.name + ".prev")
+        prev.unlink(missing_ok=True)
+        os.link(path, prev)
     os.replace(tmp, path)
 
 
@@ -153,6 +157,10 @@ def train(
     sae = build_sae(cfg, cache.d_model).to(cfg.device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     tokens_seen, step = 0, 0
+    prev_path = ckpt_path.with_name(ckpt_path.name + ".prev")
+    if resume and not ckpt_path.exists() and prev_path.exists():
+        logger.warning("No %s but %s exists; resuming from it", ckpt_path, prev_path)
+        os.replace(prev_path, ckpt_path)
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         if not same_run(state.get("train_config", {}), asdict(cfg)):
@@ -165,6 +173,9 @@ def train(
         opt.load_state_dict(state["optimizer"])
         tokens_seen, step = state["tokens_seen"], state["step"]
         logger.info("Resumed %s at %d tokens (step %d)", ckpt_path, tokens_seen, step)
+        if log_path.exists():  # drop rows logged after the checkpoint: they will be redone
+            rows = [r for r in read_log(run_dir) if r["step"] <= step]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif log_path.exists():
         log_path.unlink()
 

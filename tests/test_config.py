@@ -77,3 +77,18 @@ def test_context_longer_than_model_allows():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="No params file"):
         config.load(tmp_path / "nope.yaml")
+
+
+def test_baseline_settings_checked():
+    raw = base()
+    raw["analysis"]["baseline_layers"] = [0, "x"]
+    with pytest.raises(ConfigError, match=r"analysis.baseline_layers\[1\]: expected an integer"):
+        config.from_dict(raw)
+    raw = base()
+    raw["analysis"]["baseline_layers"] = [0, 30]
+    with pytest.raises(ConfigError, match=r"baseline_layers \[30\] out of range for a 30-layer"):
+        config.validate(config.from_dict(raw), n_layers=30)
+    raw = base()
+    raw["analysis"]["baseline_run"] = "nope"
+    with pytest.raises(ConfigError, match="analysis.baseline_run 'nope' is not a sweep entry"):
+        config.from_dict(raw)

@@ -54,13 +54,13 @@ def test_delta_ce_equals_naive_full_forward_with_replacement_hook(tiny_model):
     clean_ce = next_token_ce(clean, tokens)
     for layer in range(3):
         logits = _naive_patched_ce(tiny_model, tokens, layer, lambda a: a * 0.7 + noise)
-        expected = (next_token_ce(logits, tokens) - clean_ce).mean()
+        expected = (next_token_ce(logits, tokens) - clean_ce)[:, 1:].mean()  # not from BOS
         assert (res["delta_ce"][layer] / res["n"]).item() == pytest.approx(expected.item(), 1e-5)
         p = clean[:, :-1].double().log_softmax(-1)
         q = logits[:, :-1].double().log_softmax(-1)
-        kl = (p.exp() * (p - q)).sum(-1).mean()
+        kl = (p.exp() * (p - q)).sum(-1)[:, 1:].mean()
         assert (res["kl"][layer] / res["n"]).item() == pytest.approx(kl.item(), rel=1e-5)
-    assert res["n"].item() == 14  # mean per predicted token, not a sum over positions
+    assert res["n"].item() == 12  # mean per predicted token, not a sum over positions
 
 
 def test_evaluate_identity_reconstruction_gives_zero(tiny_model):

@@ -16,6 +16,8 @@ NOTEBOOKS = [
     "03_train_lens.ipynb",
     "04_train_mlsae.ipynb",
     "05_evaluate.ipynb",
+    "06_single_layer_baselines.ipynb",
+    "07_sweeps.ipynb",
 ]
 
 
@@ -31,9 +33,16 @@ def tiny_params(corpus: Path) -> dict:
     params["train"] |= {"batch_tokens": 64, "checkpoint_tokens": 256, "dead_tokens": 128}
     params["lens"] |= {"steps": 3, "batch_tokens": 64}
     params["eval"] |= {"eval_tokens": 256}
-    params["analysis"] |= {"drift_tokens": 128}
+    params["analysis"] |= {
+        "drift_tokens": 128,
+        "baseline_run": "r2-k4",
+        "baseline_layers": [0, 1],
+        "baseline_ce_contexts": 2,
+    }
     params["sweep"] = {
         "r2-k4": {"expansion_factor": 2, "k": 4, "lens": False},
+        "r1-k4": {"expansion_factor": 1, "k": 4, "lens": False},
+        "r2-k8": {"expansion_factor": 2, "k": 8, "lens": False},
         "r2-k4-lens": {"expansion_factor": 2, "k": 4, "lens": True},
     }
     return params
@@ -52,7 +61,7 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
     env_path = os.path.dirname(sys.executable)
     os.environ["PATH"] = env_path + os.pathsep + os.environ.get("PATH", "")
     for name in NOTEBOOKS:
-        runs = ["r2-k4", "r2-k4-lens"] if name.startswith("04") else [None]
+        runs = ["r2-k4", "r1-k4", "r2-k8", "r2-k4-lens"] if name.startswith("04") else [None]
         for run in runs:
             parameters = {"params_path": str(params_path), "out_dir": str(tmp_path)}
             if run:
@@ -72,12 +81,20 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
         "train_fvu_r2-k4",
         "train_fvu_r2-k4-lens",
         "per_layer_metrics",
+        "single_layer_matrices",
+        "single_vs_mlsae",
+        "sweeps",
     ]:
         assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem
     assert {"table1.csv", "table1.md"} <= figures
     run = json.loads((tmp_path / "results" / "runs" / "r2-k4-lens.json").read_text())
     assert run["space"] == "lens" and len(run["per_layer"]["fvu_raw"]) == 2
     assert (tmp_path / "cache" / "lens" / "lens" / "tiny-random-llama" / "params.pt").exists()
+    baselines = json.loads((tmp_path / "results" / "baselines.json").read_text())
+    assert len(baselines["fvu"]) == 3 and len(baselines["fvu"][0]) == 2
+    sweeps = json.loads((tmp_path / "results" / "sweeps.json").read_text())
+    assert [r["run"] for r in sweeps["R"]] == ["r1-k4", "r2-k4"]
+    assert [r["run"] for r in sweeps["k"]] == ["r2-k4", "r2-k8"]
     table = (tmp_path / "figures" / "table1.md").read_text()
     assert "r2-k4-lens" in table and "tiny-random-llama" in table
 

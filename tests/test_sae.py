@@ -54,7 +54,7 @@ def test_sparse_decode_equals_dense_reference():
     out = sae(x)
     dense = sae.dense_latents(out.values, out.indices)
     _, mu, std = standardize(x)
-    ref = (dense @ sae.W_dec + sae.b_pre) * (std + 1e-5) + mu
+    ref = (dense @ sae.W_dec + sae.b_pre) * std + mu
     torch.testing.assert_close(out.recons, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -127,7 +127,10 @@ def test_auxk_uses_dead_latents_only():
     masked = pre.masked_fill(~dead, float("-inf"))
     v, i = masked.topk(3, dim=-1)
     e_hat = sae.dense_latents(v.relu(), i) @ sae.W_dec
-    ref = (e - e_hat).pow(2).sum() / (e.reshape(-1, 16) - e.reshape(-1, 16).mean(0)).pow(2).sum()
+    per_layer = [
+        (e[ly] - e_hat[ly]).pow(2).sum() / (e[ly] - e[ly].mean(0)).pow(2).sum() for ly in range(2)
+    ]
+    ref = torch.stack(per_layer).mean()
     torch.testing.assert_close(out.auxk_loss, ref, rtol=1e-4, atol=1e-6)
     # its gradient reaches only dead decoder rows
     sae.zero_grad()
@@ -156,3 +159,27 @@ def test_decoder_initialised_as_encoder_transpose_with_unit_norm():
     sae = make_sae()
     torch.testing.assert_close(sae.W_dec.data, sae.W_enc.data)  # both (n, d): W_dec = W_enc^T
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
+
+
+def test_fvu_is_the_mean_of_per_layer_fvus():
+    x = torch.randn(3, 20, 8)
+    x_hat = x + 0.1 * torch.randn(3, 20, 8)
+    per_layer = [fvu(x[ly], x_hat[ly]) for ly in range(3)]
+    torch.testing.assert_close(fvu(x, x_hat), torch.stack(per_layer).mean())
+
+
+def test_loss_does_not_weight_layers_by_their_variance():
+    """Scaling one layer's vectors by 100 changes nothing: every layer counts equally."""
+    sae = make_sae()
+    sae.eval()
+    x = torch.randn(3, 20, 16)
+    scaled = x.clone()
+    scaled[1] *= 100
+    torch.testing.assert_close(sae(scaled).fvu, sae(x).fvu, rtol=1e-4, atol=1e-6)
+
+
+def test_a_selected_latent_with_zero_value_did_not_fire():
+    sae = make_sae(dead_tokens=5)
+    indices = torch.tensor([[0, 1, 2, 3]])
+    sae.update_dead_(indices, n_tokens=5, values=torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    assert sae.tokens_since_fired[:4].tolist() == [0, 5, 0, 5]

@@ -14,7 +14,8 @@ def test_sae_lens_loads_our_export_with_identical_encode_decode(tmp_path):
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(3)]
     saelens.save(sae, tmp_path / "sae", "smollm2-135m", hooks)
     theirs = SAE.load_from_disk(str(tmp_path / "sae"))
-    x = torch.randn(3, 50, 24) * 4 + 2
+    # small-std vectors make any difference in the eps convention of (de)standardization visible
+    x = torch.cat([torch.randn(3, 50, 24) * 4 + 2, torch.randn(3, 10, 24) * 1e-3 + 5], dim=1)
     ours = sae.eval()(x)
     dense_theirs = theirs.encode(x)
     dense_ours = sae.dense_latents(ours.values, ours.indices)

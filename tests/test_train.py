@@ -104,3 +104,26 @@ def test_incomplete_last_batch_is_dropped_not_nan(tmp_path):
     train(cfg(layers=[0], max_tokens=449), cache, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["tokens_seen"] == 448 and state["step"] == 7
+
+
+def test_resume_does_not_duplicate_log_rows(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    train(cfg(max_tokens=960, checkpoint_every=320), cache, tmp_path / "run", progress=False)
+    # as after a crash: rows beyond the last checkpoint were logged, then lost with the process
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["step"] == 15
+    state = ckpt | {"tokens_seen": 640, "step": 10}
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    train(cfg(max_tokens=960, checkpoint_every=320), cache, tmp_path / "run", progress=False)
+    steps = [row["step"] for row in read_log(tmp_path / "run")]
+    assert steps == sorted(set(steps)) and steps[-1] == 15
+
+
+def test_missing_checkpoint_falls_back_to_prev(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    train(cfg(max_tokens=640, checkpoint_every=320), cache, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert (run / "checkpoint.pt.prev").exists()
+    (run / "checkpoint.pt").unlink()  # a crash between the two renames of an older scheme
+    train(cfg(max_tokens=640, checkpoint_every=320), cache, run, progress=False)
+    assert load_checkpoint(run / "checkpoint.pt")["tokens_seen"] == 640
