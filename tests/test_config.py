@@ -92,3 +92,12 @@ def test_baseline_settings_checked():
     raw["analysis"]["baseline_run"] = "nope"
     with pytest.raises(ConfigError, match="analysis.baseline_run 'nope' is not a sweep entry"):
         config.from_dict(raw)
+
+
+def test_paper_preset_is_valid_for_pythia_70m():
+    p = config.load(ROOT / "params-paper.yaml")
+    config.validate(p, d_model=512, n_ctx=2048, n_layers=6)
+    assert p.sweep["r64-k32"].expansion_factor == 64 and p.data.train_tokens == 10**9
+    rs = sorted({r.expansion_factor for r in p.sweep.values() if r.k == 32})
+    ks = sorted({r.k for r in p.sweep.values() if r.expansion_factor == 64})
+    assert rs == [2.0**i for i in range(9)] and ks == [16, 32, 64, 128, 256, 512]

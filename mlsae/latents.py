@@ -1,0 +1,144 @@
+r"""How MLSAE latents spread over layers (paper section 4.2, Figures 2-3), streamed over tokens.
+
+Memory is O(layers x latents) for the totals, plus a ``(token, latent)`` scratch per batch.
+
+Definitions, for latent i, layer l, and activations :math:`a_{t,l,i} \ge 0`:
+
+* counts :math:`c_{l,i} = \#\{t : a_{t,l,i} > 0\}`; totals :math:`s_{l,i} = \sum_t a_{t,l,i}`.
+* aggregated distribution over layers :math:`p_{l,i} = s_{l,i} / \sum_{l'} s_{l',i}`; its mean
+  layer :math:`\mu_i = \sum_l l\,p_{l,i}`, variance :math:`\sigma^2_i = \sum_l (l - \mu_i)^2 p_{l,i}`,
+  entropy :math:`H_i = -\sum_l p_{l,i} \ln p_{l,i}` (nats; ln(n_layers) when uniform).
+* per-token distribution :math:`p_{t,l,i} = a_{t,l,i} / \sum_{l'} a_{t,l',i}` for tokens where
+  latent i is active at some layer; per-token variance :math:`v_{t,i}` likewise; the per-token
+  variance of latent i is the mean of :math:`v_{t,i}` over those tokens.
+* variance ratio: aggregated over per-token variance, per latent, and as the ratio of their means
+  over latents active at least ``min_tokens`` times (the paper reports ~100).
+* layers above threshold: for each count threshold c, the number of layers with :math:`c_{l,i}
+  \ge c`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+THRESHOLDS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+class LayerStats:
+    """Streaming per-(layer, latent) statistics of an MLSAE's activations.
+
+    Feed `update(values, indices)` with top-k values and indices of shape ``(layer, token, k)``
+    (all layers of the same tokens); read `compute()`.
+    """
+
+    def __init__(self, n_layers: int, n_latents: int):
+        self.n_layers, self.n_latents = n_layers, n_latents
+        f64 = torch.float64
+        self.counts = torch.zeros(n_layers, n_latents, dtype=f64)
+        self.totals = torch.zeros(n_layers, n_latents, dtype=f64)
+        self.token_var_sum = torch.zeros(n_latents, dtype=f64)
+        self.token_count = torch.zeros(n_latents, dtype=f64)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Add one batch: ``values``, ``indices`` of shape ``(layer, token, k)``."""
+        n_layers, n_tok, _ = values.shape
+        values, indices = values.double().cpu(), indices.cpu()
+        active = values > 0
+        flat = (torch.arange(n_layers)[:, None, None] * self.n_latents + indices)[active]
+        size = n_layers * self.n_latents
+        self.counts += torch.bincount(flat, minlength=size).view(n_layers, -1).double()
+        self.totals += torch.bincount(flat, weights=values[active], minlength=size).view(
+            n_layers, -1
+        )
+        # per-token moments over layers: sum a, sum a*l, sum a*l^2 for each (token, latent)
+        layer_of = torch.arange(n_layers, dtype=torch.float64)[:, None, None].expand_as(values)
+        tok_of = torch.arange(n_tok)[None, :, None].expand_as(indices)
+        key = (tok_of * self.n_latents + indices)[active]
+        moments = []
+        for power in range(3):
+            w = values[active] * layer_of[active] ** power
+            moments.append(torch.bincount(key, weights=w, minlength=n_tok * self.n_latents))
+        m0, m1, m2 = (m.view(n_tok, self.n_latents) for m in moments)
+        seen = m0 > 0
+        mean = torch.where(seen, m1 / m0.clamp_min(1e-300), 0)
+        var = torch.where(seen, m2 / m0.clamp_min(1e-300) - mean**2, 0).clamp_min(0)
+        self.token_var_sum += var.sum(0)
+        self.token_count += seen.double().sum(0)
+        self.n_tokens += n_tok
+
+    def compute(self, min_tokens: int = 10) -> dict:
+        """Per-latent statistics (tensors) and summary numbers."""
+        layers = torch.arange(self.n_layers, dtype=torch.float64)[:, None]
+        mass = self.totals.sum(0)
+        alive = mass > 0
+        p = self.totals / mass.clamp_min(1e-300)
+        mean_layer = (layers * p).sum(0)
+        var = ((layers - mean_layer) ** 2 * p).sum(0)
+        entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(0)
+        per_token_var = self.token_var_sum / self.token_count.clamp_min(1)
+        n_layers_above = torch.stack([(self.counts >= c).sum(0) for c in THRESHOLDS])
+        frequent = self.token_count >= min_tokens
+        agg_mean = var[frequent].mean().item() if frequent.any() else float("nan")
+        tok_mean = per_token_var[frequent].mean().item() if frequent.any() else float("nan")
+        return {
+            "distribution": p,
+            "mean_layer": torch.where(alive, mean_layer, float("nan")),
+            "std_layer": torch.where(alive, var.sqrt(), float("nan")),
+            "entropy": torch.where(alive, entropy, float("nan")),
+            "aggregated_variance": torch.where(alive, var, float("nan")),
+            "per_token_variance": torch.where(alive, per_token_var, float("nan")),
+            "n_layers_above": n_layers_above,
+            "thresholds": list(THRESHOLDS),
+            "summary": {
+                "n_tokens": self.n_tokens,
+                "n_latents_active": int(alive.sum()),
+                "n_latents_frequent": int(frequent.sum()),
+                "mean_aggregated_variance": agg_mean,
+                "mean_per_token_variance": tok_mean,
+                "variance_ratio": agg_mean / tok_mean if tok_mean > 0 else float("inf"),
+                "mean_layers_active_ge1": n_layers_above[0][alive].double().mean().item(),
+            },
+        }
+
+
+@torch.no_grad()
+def collect(sae, batches: Iterable[torch.Tensor], lens=None, layers=None) -> LayerStats:
+    """`LayerStats` of ``sae`` over residual batches ``(layer, token, d)`` (lens applied if given).
+
+    With a lens, vectors are transformed first: the SAE was trained on lens-space vectors, and an
+    analysis that skipped the lens would describe another input (NOTES.md defect 8).
+    """
+    stats = None
+    sae.eval()
+    for x in batches:
+        if lens is not None:
+            idx = list(range(x.shape[0])) if layers is None else layers
+            x = lens.transform_layers(x, idx)
+        values, indices = sae.encode(x)
+        if stats is None:
+            stats = LayerStats(x.shape[0], sae.n_latents)
+        stats.update(values, indices)
+    if stats is None:
+        raise ValueError("No batches to collect statistics from.")
+    return stats
+
+
+def sort_by_mean_layer(matrix: torch.Tensor, mean_layer: torch.Tensor) -> torch.Tensor:
+    """Columns of ``(layer, latent)`` ``matrix`` for active latents, sorted by mean layer."""
+    keep = ~torch.isnan(mean_layer)
+    order = torch.argsort(mean_layer[keep], stable=True)
+    return matrix[:, keep][:, order]
+
+
+def decoder_cosine_histogram(w_dec: torch.Tensor, bins: int = 100, max_rows: int = 4096):
+    """Histogram of pairwise cosine similarities between (a sample of) decoder rows."""
+    w = torch.nn.functional.normalize(w_dec.detach().float(), dim=-1)
+    if w.shape[0] > max_rows:
+        w = w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]]
+    sims = w @ w.T
+    iu = torch.triu_indices(*sims.shape, offset=1)
+    return torch.histogram(sims[iu[0], iu[1]], bins=bins, range=(-1.0, 1.0))

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from mlsae.latents import LayerStats, collect, decoder_cosine_histogram, sort_by_mean_layer
+from mlsae.sae import MLSAE
+
+L, T = 4, 8  # layers, tokens
+
+
+def constructed():
+    """Latent 0: layer 2 only. Latent 1: every layer equally. Latent 2: one layer per token,
+    cycling through the layers. Latent 3: never active."""
+    indices = torch.tensor([0, 1, 2]).expand(L, T, 3).clone()
+    values = torch.zeros(L, T, 3)
+    values[2, :, 0] = 1.0
+    values[:, :, 1] = 2.0
+    for t in range(T):
+        values[t % L, t, 2] = 3.0
+    return values, indices
+
+
+def test_statistics_on_constructed_activations():
+    stats = LayerStats(L, 5)
+    values, indices = constructed()
+    stats.update(values[:, :5], indices[:, :5])  # two batches: streaming must not matter
+    stats.update(values[:, 5:], indices[:, 5:])
+    out = stats.compute(min_tokens=1)
+    uniform_var = (L**2 - 1) / 12
+    # latent 0: one layer
+    assert out["distribution"][:, 0].tolist() == [0, 0, 1, 0]
+    assert out["mean_layer"][0] == 2 and out["std_layer"][0] == 0 and out["entropy"][0] == 0
+    assert out["per_token_variance"][0] == 0
+    # latent 1: uniform over layers, for the aggregate and for every token
+    assert out["distribution"][:, 1].tolist() == pytest.approx([0.25] * 4)
+    assert out["mean_layer"][1].item() == pytest.approx(1.5)
+    assert out["entropy"][1].item() == pytest.approx(math.log(L))
+    assert out["aggregated_variance"][1].item() == pytest.approx(uniform_var)
+    assert out["per_token_variance"][1].item() == pytest.approx(uniform_var)
+    # latent 2: one layer per token but all layers in aggregate -> per-token variance 0
+    assert out["aggregated_variance"][2].item() == pytest.approx(uniform_var)
+    assert out["per_token_variance"][2].item() == pytest.approx(0)
+    # latent 3: never active
+    assert math.isnan(out["mean_layer"][3].item())
+    # counts and thresholds: latent 0 fires 8 times at one layer; latent 2 twice at each layer
+    assert stats.counts[:, 0].tolist() == [0, 0, 8, 0]
+    assert stats.totals[:, 1].tolist() == [16.0] * 4
+    th = out["thresholds"]
+    assert out["n_layers_above"][th.index(1)].tolist()[:4] == [1, 4, 4, 0]
+    assert out["n_layers_above"][th.index(10)].tolist()[:4] == [0, 0, 0, 0]
+    s = out["summary"]
+    assert s["n_tokens"] == T and s["n_latents_active"] == 3
+    # mean aggregated variance (0 + v + v) / 3 over mean per-token variance (0 + v + 0) / 3
+    assert s["variance_ratio"] == pytest.approx(2.0)
+
+
+def test_sort_by_mean_layer():
+    m = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 1.0, 0.5, 0.0]])
+    mean = torch.tensor([0.0, 1.0, 0.5, float("nan")])
+    assert sort_by_mean_layer(m, mean).tolist() == [[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]
+
+
+def test_collect_applies_the_lens():
+    from mlsae.lens import random_lens
+
+    torch.manual_seed(0)
+    sae = MLSAE(8, 32, 4)
+    lens = random_lens(8, 3, scale=1.0, seed=0)
+    x = torch.randn(3, 20, 8)
+    with_lens = collect(sae, [x], lens=lens)
+    manual = LayerStats(3, 32)
+    manual.update(*sae.encode(lens.transform_layers(x, [0, 1, 2])))
+    assert torch.equal(with_lens.totals, manual.totals)
+    assert not torch.equal(collect(sae, [x]).totals, manual.totals)
+
+
+def test_decoder_cosine_histogram_counts_pairs():
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    hist = decoder_cosine_histogram(w, bins=4)
+    assert hist.hist.sum().item() == 3  # 3 pairs
+    assert hist.hist.tolist() == [0, 0, 1, 2]  # cos 0 in [0, .5), two of 0.707 in [.5, 1]
