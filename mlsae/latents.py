@@ -5,9 +5,10 @@ Memory is O(layers x latents) for the totals, plus a ``(token, latent)`` scratch
 Definitions, for latent i, layer l, and activations :math:`a_{t,l,i} \ge 0`:
 
 * counts :math:`c_{l,i} = \#\{t : a_{t,l,i} > 0\}`; totals :math:`s_{l,i} = \sum_t a_{t,l,i}`.
-* aggregated distribution over layers :math:`p_{l,i} = s_{l,i} / \sum_{l'} s_{l',i}`; its mean
-  layer :math:`\mu_i = \sum_l l\,p_{l,i}`, variance :math:`\sigma^2_i = \sum_l (l - \mu_i)^2 p_{l,i}`,
-  entropy :math:`H_i = -\sum_l p_{l,i} \ln p_{l,i}` (nats; ln(n_layers) when uniform).
+* aggregated distribution over layers :math:`p_{l,i} = s_{l,i} / \sum_{l'} s_{l',i}`; its
+  mean layer :math:`\mu_i = \sum_l l\,p_{l,i}`, variance
+  :math:`\sigma^2_i = \sum_l (l - \mu_i)^2 p_{l,i}`, entropy
+  :math:`H_i = -\sum_l p_{l,i} \ln p_{l,i}` (nats; ln(n_layers) when uniform).
 * per-token distribution :math:`p_{t,l,i} = a_{t,l,i} / \sum_{l'} a_{t,l',i}` for tokens where
   latent i is active at some layer; per-token variance :math:`v_{t,i}` likewise; the per-token
   variance of latent i is the mean of :math:`v_{t,i}` over those tokens.
