@@ -143,3 +143,42 @@ def decoder_cosine_histogram(w_dec: torch.Tensor, bins: int = 100, max_rows: int
     sims = w @ w.T
     iu = torch.triu_indices(*sims.shape, offset=1)
     return torch.histogram(sims[iu[0], iu[1]], bins=bins, range=(-1.0, 1.0))
+
+
+class TopContexts:
+    """Streaming top-``n`` activations per (layer, latent), with the global token position of each.
+
+    Memory O(layers x latents x n). Feed `update(values, indices, offset)` with batches of shape
+    ``(layer, token, k)`` whose first token has global position ``offset``.
+    """
+
+    def __init__(self, n_layers: int, n_latents: int, n: int = 3):
+        self.n_layers, self.n_latents, self.n = n_layers, n_latents, n
+        self.values = torch.zeros(n_layers, n_latents, n)
+        self.positions = torch.full((n_layers, n_latents, n), -1, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, indices: torch.Tensor, offset: int) -> None:
+        """Merge one batch into the running top-n."""
+        n_layers, n_tok, k = values.shape
+        active = values > 0
+        layer = torch.arange(n_layers)[:, None, None].expand_as(indices)[active]
+        pos = (torch.arange(n_tok)[None, :, None] + offset).expand_as(indices)[active]
+        group = layer * self.n_latents + indices[active]
+        val = values[active].float()
+        old = self.values.view(-1, self.n) > 0
+        old_group = torch.arange(self.n_layers * self.n_latents)[:, None].expand(-1, self.n)[old]
+        group = torch.cat([old_group, group])
+        val = torch.cat([self.values.view(-1, self.n)[old], val])
+        pos = torch.cat([self.positions.view(-1, self.n)[old], pos])
+        # sort by value (desc), then stably by group: each group's entries end up best-first
+        order = torch.argsort(val, descending=True, stable=True)
+        order = order[torch.argsort(group[order], stable=True)]
+        group, val, pos = group[order], val[order], pos[order]
+        first = torch.ones_like(group, dtype=torch.bool)
+        first[1:] = group[1:] != group[:-1]
+        start = torch.cummax(torch.where(first, torch.arange(len(group)), 0), 0).values
+        rank = torch.arange(len(group)) - start
+        keep = rank < self.n
+        self.values.view(-1, self.n)[group[keep], rank[keep]] = val[keep]
+        self.positions.view(-1, self.n)[group[keep], rank[keep]] = pos[keep]
