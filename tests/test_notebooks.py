@@ -18,6 +18,8 @@ NOTEBOOKS = [
     "05_evaluate.ipynb",
     "06_single_layer_baselines.ipynb",
     "07_sweeps.ipynb",
+    "08_latents_over_layers.ipynb",
+    "09_latent_browser.ipynb",
 ]
 
 
@@ -84,6 +86,11 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
         "single_layer_matrices",
         "single_vs_mlsae",
         "sweeps",
+        "latents_heatmaps",
+        "latents_layer_histograms",
+        "latents_prompts",
+        "latents_activity_sweeps",
+        "latents_decoder_cosine",
     ]:
         assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem
     assert {"table1.csv", "table1.md"} <= figures
@@ -95,6 +102,10 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
     sweeps = json.loads((tmp_path / "results" / "sweeps.json").read_text())
     assert [r["run"] for r in sweeps["R"]] == ["r1-k4", "r2-k4"]
     assert [r["run"] for r in sweeps["k"]] == ["r2-k4", "r2-k8"]
+    latents = json.loads((tmp_path / "results" / "latents.json").read_text())
+    assert set(latents["runs"]) == {"r2-k4", "r2-k4-lens"}
+    assert latents["runs"]["r2-k4"]["summary"]["n_tokens"] > 0
+    assert "latent_browser.html" in figures
     table = (tmp_path / "figures" / "table1.md").read_text()
     assert "r2-k4-lens" in table and "tiny-random-llama" in table
 

@@ -1,0 +1,119 @@
+"""Stage functions for the latent analyses (Figures 2-3, variance ratio, browser data).
+
+Every statistic is computed on held-out residuals from the test activation cache, through the
+lens when the run has one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformer_lens import HookedTransformer
+
+from mlsae.activations import ActivationCache, residual_stream
+from mlsae.latents import LayerStats, TopContexts, decoder_cosine_histogram
+from mlsae.metrics import mmcs
+from mlsae.sae import MLSAE
+
+PROMPTS = (
+    "When Mary and John went to the store, John gave a drink to",
+    "The capital of France is Paris, and the capital of Italy is",
+    "In 1963, the committee reported that the new tax would",
+)
+
+
+def lens_twin(params, run: str) -> str | None:
+    """The sweep entry with ``run``'s R and k and the lens switched on (None if absent)."""
+    ref = params.sweep[run]
+    for name, entry in params.sweep.items():
+        same = entry.expansion_factor == ref.expansion_factor and entry.k == ref.k
+        if same and entry.lens and entry.train_tokens == ref.train_tokens:
+            return name
+    return None
+
+
+def load_run(params, run: str, out_dir: str | Path = "."):
+    """``(sae, lens or None)`` of a trained sweep entry."""
+    from mlsae.lens import TunedLens
+    from mlsae.pipeline import lens_path
+    from mlsae.train import load_sae
+
+    out_dir = Path(out_dir)
+    sae = load_sae(out_dir / params.base.cache_dir / "runs" / run / "checkpoint.pt").eval()
+    lens = TunedLens.load(lens_path(params, out_dir)) if params.sweep[run].lens else None
+    return sae, lens
+
+
+@torch.no_grad()
+def scan(
+    sae: MLSAE, cache: ActivationCache, max_tokens: int, lens=None, n_top: int = 3
+) -> tuple[LayerStats, TopContexts, np.ndarray]:
+    """One pass over the test cache: layer statistics, top contexts, and the token stream."""
+    stats = LayerStats(cache.n_layers, sae.n_latents)
+    top = TopContexts(cache.n_layers, sae.n_latents, n_top)
+    layers = list(range(cache.n_layers))
+    seen = 0
+    for x in cache.iter_batches(1024):
+        x = x[:, : max_tokens - seen]
+        if lens is not None:
+            x = lens.transform_layers(x, layers)
+        values, indices = sae.encode(x)
+        stats.update(values, indices)
+        top.update(values, indices, offset=seen)
+        seen += x.shape[1]
+        if seen >= max_tokens:
+            break
+    tokens = np.concatenate([cache.tokens(i) for i in range(len(cache))])[:seen]
+    return stats, top, tokens
+
+
+@torch.no_grad()
+def prompt_activations(model: HookedTransformer, sae: MLSAE, prompt: str, lens=None) -> dict:
+    """Summed activations ``(layer, latent)`` over a prompt's tokens (BOS excluded)."""
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor([[model.tokenizer.bos_token_id, *ids]])
+    x = residual_stream(model, tokens)[:, 0, 1:]  # (layer, token, d)
+    if lens is not None:
+        x = lens.transform_layers(x, list(range(x.shape[0])))
+    values, indices = sae.encode(x)
+    dense = torch.zeros(x.shape[0], x.shape[1], sae.n_latents).scatter_(-1, indices, values)
+    stats = LayerStats(x.shape[0], sae.n_latents)
+    stats.update(values, indices)
+    return {"totals": dense.sum(1), "stats": stats.compute(min_tokens=1), "n_tokens": len(ids)}
+
+
+def summary(stats: LayerStats, min_tokens: int = 10) -> dict:
+    """JSON-ready summary numbers of a scan."""
+    out = stats.compute(min_tokens)
+    n_above = out["n_layers_above"].double()
+    active = ~torch.isnan(out["mean_layer"])
+    return out["summary"] | {
+        "frac_latents_multi_layer": (n_above[0][active] > 1).double().mean().item(),
+        "mean_layers_active_ge10": n_above[1][active].mean().item(),
+        "median_entropy_nats": out["entropy"][active].median().item(),
+    }
+
+
+def decoder_summary(sae: MLSAE) -> dict:
+    """MMCS of the decoder with itself and the histogram of pairwise cosine similarities."""
+    hist = decoder_cosine_histogram(sae.W_dec)
+    return {
+        "mmcs_self": mmcs(sae.W_dec),
+        "cos_hist": hist.hist.tolist(),
+        "cos_bins": hist.bin_edges.tolist(),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON, turning tensors into lists."""
+
+    def default(o):
+        if isinstance(o, torch.Tensor | np.ndarray):
+            return o.tolist()
+        raise TypeError(type(o))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=default))
