@@ -176,10 +176,22 @@ def _lens_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tenso
     return model.unembed(model.ln_final(resid)).float().log_softmax(-1)
 
 
-def kl_from_final(model: HookedTransformer, final_logp: torch.Tensor, resid: torch.Tensor):
-    """Per-token KL(final || lens) ``(token,)`` for residuals ``(token, d)``."""
-    logq = _lens_logprobs(model, resid)
-    return (final_logp.exp() * (final_logp - logq)).sum(-1)
+class FinalDistribution:
+    """The model's next-token distribution ``p`` per token, kept for repeated KL evaluations."""
+
+    def __init__(self, final_logp: torch.Tensor):
+        self.p = final_logp.exp()
+        self.neg_entropy = (self.p * final_logp).sum(-1)
+
+
+def kl_from_final(model: HookedTransformer, final: FinalDistribution, resid: torch.Tensor):
+    """Per-token KL(final || lens) ``(token,)`` for residuals ``(token, d)``.
+
+    With lens logits z: ``KL = sum p log p - sum p z + logsumexp(z)``, whose gradient in z is
+    ``softmax(z) - p``; fewer passes over the vocabulary than forming log q explicitly.
+    """
+    z = model.unembed(model.ln_final(resid)).float()
+    return torch.logsumexp(z, -1) - (final.p * z).sum(-1) + final.neg_entropy
 
 
 def _lens_inputs(model: HookedTransformer, acts: torch.Tensor, tokens: torch.Tensor):
@@ -192,7 +204,7 @@ def _lens_inputs(model: HookedTransformer, acts: torch.Tensor, tokens: torch.Ten
     embed = model.embed(tokens.long().to(acts.device))[None]
     inputs = torch.cat([embed.to(acts.dtype), acts[:-1]])
     with torch.no_grad():
-        final = _lens_logprobs(model, acts[-1])
+        final = FinalDistribution(_lens_logprobs(model, acts[-1]))
     return inputs, final
 
 
@@ -204,8 +216,13 @@ def train_lens(
     lr: float = 1e-3,
     weight_decay: float = 1e-3,
     progress: bool = True,
+    bf16: bool = True,
 ) -> tuple[TunedLens, list[float]]:
     """Fit translators so each layer's lens matches the model's final next-token distribution.
+
+    With ``bf16`` the unembedding matmuls of the training loss run under bfloat16 autocast (the
+    softmax and KL stay float32); it is several times faster on CPUs with bf16 units and GPUs, and
+    evaluation (`lens_kl_per_layer`) stays in float32.
 
     Minimises ``sum_i mean_t KL(p_final(t) || p_lens_i(t))`` (Belrose et al. 2023) over cached
     residuals, Adam, zero-initialised translators; the model is frozen. Returns the lens and the
@@ -231,9 +248,11 @@ def train_lens(
                 acts = acts_all[:, start : start + batch_tokens].to(model.cfg.device)
                 inputs, final = _lens_inputs(model, acts, toks_all[start : start + batch_tokens])
                 loss = torch.zeros((), device=acts.device)
-                for i in range(n_layers):
-                    h = inputs[i] + lens.translators[i](inputs[i])
-                    loss = loss + kl_from_final(model, final, h).mean()
+                device_type = acts.device.type
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                    for i in range(n_layers):
+                        h = inputs[i] + lens.translators[i](inputs[i])
+                        loss = loss + kl_from_final(model, final, h).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -260,7 +279,7 @@ def lens_kl_per_layer(model: HookedTransformer, lens: TunedLens | None, cache, m
     seen = 0
     for batch in cache.iter_batches(512):
         batch = batch[:, : max_tokens - seen].to(model.cfg.device)
-        final = _lens_logprobs(model, batch[-1])
+        final = FinalDistribution(_lens_logprobs(model, batch[-1]))
         for layer in range(n_layers):
             h = batch[layer] if lens is None else lens.transform(batch[layer], layer)
             total[layer] += kl_from_final(model, final, h).double().sum().cpu()

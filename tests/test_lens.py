@@ -116,3 +116,16 @@ def test_mlsae_in_lens_space_reports_both_fvus(tiny_model, tmp_path):
     ref = (x - recons).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert res["per_layer"]["fvu_raw"][0] == pytest.approx(ref.item(), rel=1e-4)
     assert res["per_layer"]["fvu_raw"][0] != pytest.approx(res["per_layer"]["fvu"][0], rel=1e-3)
+
+
+def test_kl_from_final_equals_the_explicit_definition(tiny_model):
+    from mlsae.lens import FinalDistribution, _lens_logprobs, kl_from_final
+
+    torch.manual_seed(0)
+    final_resid, resid = torch.randn(5, 32) * 3, torch.randn(5, 32) * 3
+    logp = _lens_logprobs(tiny_model, final_resid)
+    logq = _lens_logprobs(tiny_model, resid)
+    explicit = (logp.exp() * (logp - logq)).sum(-1)
+    got = kl_from_final(tiny_model, FinalDistribution(logp), resid)
+    torch.testing.assert_close(got, explicit, rtol=1e-4, atol=1e-5)
+    assert (got > 0).all()
