@@ -53,6 +53,7 @@ class Train:
     k_aux: int | None = None
     dead_tokens: int = 5000
     checkpoint_tokens: int = 20_000
+    select_bf16: bool = True
 
 
 @dataclass

@@ -90,6 +90,7 @@ def train_config(params, run: str, layers: list[int] | None = None, lens_sha=Non
         k_aux=params.train.k_aux,
         aux_coef=params.train.aux_coef,
         dead_tokens=params.train.dead_tokens,
+        select_bf16=params.train.select_bf16,
         lr=params.train.lr,
         adam_eps=params.train.adam_eps,
         batch_tokens=params.train.batch_tokens,

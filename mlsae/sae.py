@@ -99,6 +99,47 @@ def geometric_median(points: torch.Tensor, n_iter: int = 100, tol: float = 1e-6)
     return median
 
 
+CHUNK = 2048
+
+
+class GatherDot(torch.autograd.Function):
+    """``values[i, j] = <x[i], weight[indices[i, j]]>`` with sparse gradients.
+
+    The encoder's top-k values as a function of the encoder rows actually selected: the weight
+    gradient touches only those rows (a sparse ``(n_latents, vectors) @ (vectors, d)`` product)
+    instead of back-propagating through a dense ``(vectors, n_latents)`` pre-activation matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, indices, values=None):  # noqa: D102
+        ctx.save_for_backward(x, weight, indices)
+        if values is not None:  # already exact (selected in float32)
+            return values
+        out = x.new_empty(indices.shape)
+        for s in range(0, x.shape[0], CHUNK):
+            rows = weight[indices[s : s + CHUNK]]  # (chunk, k, d)
+            out[s : s + CHUNK] = torch.bmm(rows, x[s : s + CHUNK, :, None]).squeeze(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, weight, indices = ctx.saved_tensors
+        grad_x = grad_w = None
+        grad = grad.contiguous()
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+            sparse = torch.sparse_coo_tensor(
+                torch.stack([indices.flatten(), rows]),
+                grad.flatten(),
+                (weight.shape[0], x.shape[0]),
+                check_invariants=False,
+            )
+            grad_w = torch.sparse.mm(sparse, x)
+        return grad_x, grad_w, None, None
+
+
 class MLSAE(nn.Module):
     """Multi-layer TopK SAE.
 
@@ -110,6 +151,10 @@ class MLSAE(nn.Module):
         aux_coef: AuxK coefficient ``alpha`` (paper: 1/32).
         dead_tokens: tokens without firing after which a latent is dead (paper: 10M).
         standardize: standardize each vector before the encoder (paper: yes).
+        select_bf16: in training, compute the encoder matmul in bfloat16 (several times faster on
+            CPUs with bf16 units and on GPUs), as bf16 autocast would; the chosen values carry
+            bf16 rounding (relative ~4e-3) and near-ties at the k-th place may resolve
+            differently. Gradients are exact; evaluation (eval mode) is always float32.
     """
 
     def __init__(
@@ -121,6 +166,7 @@ class MLSAE(nn.Module):
         aux_coef: float = 1 / 32,
         dead_tokens: int = 10_000_000,
         standardize: bool = True,
+        select_bf16: bool = False,
     ):
         super().__init__()
         if not 0 < k <= n_latents:
@@ -130,6 +176,7 @@ class MLSAE(nn.Module):
             raise ValueError(f"k_aux must be in [1, n_latents={n_latents}], got k_aux={k_aux}.")
         self.d_model, self.n_latents, self.k, self.k_aux = d_model, n_latents, k, k_aux
         self.aux_coef, self.dead_tokens, self.standardize = aux_coef, dead_tokens, standardize
+        self.select_bf16 = select_bf16
 
         weight = torch.randn(n_latents, d_model)
         weight /= weight.norm(dim=-1, keepdim=True)
@@ -149,6 +196,7 @@ class MLSAE(nn.Module):
             aux_coef=self.aux_coef,
             dead_tokens=self.dead_tokens,
             standardize=self.standardize,
+            select_bf16=self.select_bf16,
         )
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -159,17 +207,35 @@ class MLSAE(nn.Module):
         return x, torch.zeros_like(x[..., :1]), torch.ones_like(x[..., :1])
 
     def pre_activations(self, x_std: torch.Tensor) -> torch.Tensor:
-        """``(..., n_latents)`` encoder pre-activations ``W_enc (s(x) - b_pre)``."""
+        """``(..., n_latents)`` encoder pre-activations ``W_enc (s(x) - b_pre)``, float32."""
         return (x_std - self.b_pre) @ self.W_enc.T
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (..., d)`` -> ``(values, indices)``, each ``(..., k)``."""
         x_std, _, _ = self.preprocess(x)
-        return self._topk(self.pre_activations(x_std))
+        values, indices, _ = self._encode_centred((x_std - self.b_pre).reshape(-1, self.d_model))
+        return values.reshape(*x.shape[:-1], self.k), indices.reshape(*x.shape[:-1], self.k)
 
-    def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        return values.relu(), indices
+    def _select(self, x_c: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``(vectors, n_latents)`` for choosing latents; no gradient.
+
+        In bfloat16 when ``select_bf16`` and training; evaluation is always float32.
+        """
+        with torch.no_grad():
+            if self.select_bf16 and self.training:
+                return (x_c.bfloat16() @ self.W_enc.bfloat16().T).float()
+            return x_c @ self.W_enc.T
+
+    def _encode_centred(self, x_c: torch.Tensor):
+        """``x_c = s(x) - b_pre`` ``(vectors, d)`` -> ``(values, indices, pre)``.
+
+        The top-k is chosen without gradient; the chosen values then go through `GatherDot`, so
+        their gradient reaches only the chosen encoder rows (and ``x_c``).
+        """
+        pre = self._select(x_c)
+        top, indices = pre.topk(self.k, dim=-1, sorted=False)
+        values = GatherDot.apply(x_c, self.W_enc, indices, top)
+        return values.relu(), indices, pre
 
     def decode_std(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sparse decode in the standardized space: ``W_dec h + b_pre``, shape ``(..., d)``.
@@ -208,32 +274,42 @@ class MLSAE(nn.Module):
         x_std, mu, std = self.preprocess(x)
         if self.training and not bool(self.b_pre_initialized):
             self.init_b_pre_(x_std)
-        pre = self.pre_activations(x_std)
-        values, indices = self._topk(pre)
+        x_c = (x_std - self.b_pre).reshape(-1, self.d_model)  # (vectors, d)
+        values, indices, pre = self._encode_centred(x_c)
+        values = values.reshape(*x.shape[:-1], self.k)
+        indices = indices.reshape(*x.shape[:-1], self.k)
         recons_std = self.decode_std(values, indices)
         # Undo as SAELens's layer_norm does (x * std + mu), so exports reproduce us exactly.
         recons = recons_std * std + mu if self.standardize else recons_std
         loss_fvu = fvu(x, recons)
         if self.training:
-            auxk = self.auxk_loss(pre, (x_std - recons_std).detach())
+            error = (x_std - recons_std).detach()
+            auxk = self.auxk_loss(x_c, pre, error)
             self.update_dead_(indices, n_tokens=x.shape[-2], values=values)
         else:
-            auxk = pre.new_zeros(())
+            auxk = x.new_zeros(())
         return ForwardOutput(
             recons, values, indices, loss_fvu, auxk, loss_fvu + self.aux_coef * auxk
         )
 
-    def auxk_loss(self, pre: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-        """Normalised AuxK: FVU of the error ``e`` reconstructed by the top dead latents."""
+    def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """Normalised AuxK: FVU of the error ``e`` reconstructed by the top dead latents.
+
+        Args:
+            x_c: ``(vectors, d)`` centred standardized inputs ``s(x) - b_pre``.
+            pre: ``(vectors, n_latents)`` selection pre-activations (no gradient).
+            error: ``(..., d)`` main reconstruction error in the standardized space, detached.
+        """
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0:
-            return pre.new_zeros(())
+            return x_c.new_zeros(())
         k_aux = min(self.k_aux, n_dead)
-        masked = pre.masked_fill(~dead, float("-inf"))
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = self.decode_std(values.relu(), indices) - self.b_pre
-        return fvu(error, e_hat)
+        with torch.no_grad():
+            top, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        values = GatherDot.apply(x_c, self.W_enc, indices, top).relu()
+        e_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return fvu(error, e_hat.reshape(error.shape))
 
     # -- dead latents ---------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:

@@ -41,6 +41,8 @@ class TrainConfig:
     """AuxK coefficient alpha."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing."""
+    select_bf16: bool = False
+    """Choose the top-k with a bfloat16 encoder matmul in training (see `MLSAE`)."""
     lr: float = 1e-4
     """Adam learning rate (paper: 1e-4, no schedule, no weight decay)."""
     adam_eps: float = 6.25e-10
@@ -85,6 +87,7 @@ def build_sae(cfg: TrainConfig, d_model: int) -> MLSAE:
         k_aux=cfg.k_aux,
         aux_coef=cfg.aux_coef,
         dead_tokens=cfg.dead_tokens,
+        select_bf16=cfg.select_bf16,
     )
 
 
