@@ -119,13 +119,14 @@ def test_mlsae_in_lens_space_reports_both_fvus(tiny_model, tmp_path):
 
 
 def test_kl_from_final_equals_the_explicit_definition(tiny_model):
-    from mlsae.lens import FinalDistribution, _lens_logprobs, kl_from_final
+    from mlsae.lens import FinalDistribution, Unembedder, kl_from_final
 
     torch.manual_seed(0)
     final_resid, resid = torch.randn(5, 32) * 3, torch.randn(5, 32) * 3
-    logp = _lens_logprobs(tiny_model, final_resid)
-    logq = _lens_logprobs(tiny_model, resid)
+    # reference through TransformerLens's own modules
+    logp = tiny_model.unembed(tiny_model.ln_final(final_resid)).log_softmax(-1)
+    logq = tiny_model.unembed(tiny_model.ln_final(resid)).log_softmax(-1)
     explicit = (logp.exp() * (logp - logq)).sum(-1)
-    got = kl_from_final(tiny_model, FinalDistribution(logp), resid)
+    got = kl_from_final(Unembedder(tiny_model), FinalDistribution(logp), resid)
     torch.testing.assert_close(got, explicit, rtol=1e-4, atol=1e-5)
     assert (got > 0).all()
