@@ -38,7 +38,7 @@ class Data:
     test_fraction: float = 0.1
     context_length: int = 256
     batch_contexts: int = 8
-    train_tokens: int = 120_000
+    train_tokens: int = 80_000
     test_tokens: int = 8192
 
 
@@ -54,6 +54,7 @@ class Train:
     dead_tokens: int = 5000
     checkpoint_tokens: int = 20_000
     select_bf16: bool = True
+    grad_accum: int = 1
 
 
 @dataclass
@@ -61,10 +62,12 @@ class Lens:
     """Tuned lens: train one, or load a published one from ``lens_dir``/the hub."""
 
     train: bool = True
-    steps: int = 100
+    steps: int = 60
     batch_tokens: int = 128
     lr: float = 1e-3
     lens_dir: str = "cache/lens"
+    eval_tokens: int = 4096
+    """Held-out tokens for the logit-lens vs tuned-lens KL table."""
 
 
 @dataclass
@@ -189,9 +192,10 @@ def validate(
         _positive(f"data.{key}", getattr(p.data, key))
     if not 0 < p.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {p.data.test_fraction}.")
-    for key in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux"):
+    for key in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux", "grad_accum"):
         _positive(f"train.{key}", getattr(p.train, key))
     _positive("lens.steps", p.lens.steps)
+    _positive("lens.eval_tokens", p.lens.eval_tokens)
     _positive("eval.eval_tokens", p.eval.eval_tokens)
     if n_ctx is not None and p.data.context_length > n_ctx:
         raise ConfigError(

@@ -180,15 +180,21 @@ class Unembedder:
     bf16 (training only); logits are returned in float32.
     """
 
-    def __init__(self, model: HookedTransformer, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model: HookedTransformer,
+        dtype: torch.dtype = torch.float32,
+        out_dtype: torch.dtype = torch.float32,
+    ):
         self.norm = model.ln_final
         self.weight = model.unembed.W_U.detach().T.contiguous().to(dtype)  # (vocab, d)
         self.bias = model.unembed.b_U.detach().to(dtype)
+        self.out_dtype = out_dtype
 
     def __call__(self, resid: torch.Tensor) -> torch.Tensor:
-        """``(..., d)`` residuals -> ``(..., vocab)`` float32 logits."""
+        """``(..., d)`` residuals -> ``(..., vocab)`` logits in ``out_dtype``."""
         normed = self.norm(resid).to(self.weight.dtype)
-        return F.linear(normed, self.weight, self.bias).float()
+        return F.linear(normed, self.weight, self.bias).to(self.out_dtype)
 
 
 def _lens_logprobs(unembed: Unembedder, resid: torch.Tensor) -> torch.Tensor:
@@ -298,7 +304,8 @@ def lens_kl_per_layer(model: HookedTransformer, lens: TunedLens | None, cache, m
     logit lens (identity translators). The last entry is 0 by construction.
     """
     n_layers = model.cfg.n_layers
-    unembed = Unembedder(model)
+    # float64 logits: the KL's terms cancel, and float32 leaves ~1e-4 nats of noise
+    unembed = Unembedder(model, out_dtype=torch.float64)
     total = torch.zeros(n_layers, dtype=torch.float64)
     seen = 0
     for batch in cache.iter_batches(512):

@@ -94,6 +94,7 @@ def train_config(params, run: str, layers: list[int] | None = None, lens_sha=Non
         lr=params.train.lr,
         adam_eps=params.train.adam_eps,
         batch_tokens=params.train.batch_tokens,
+        grad_accum=params.train.grad_accum,
         max_tokens=entry.train_tokens or params.data.train_tokens,
         layers=layers,
         seed=params.base.seed,

@@ -283,9 +283,9 @@ class MLSAE(nn.Module):
         recons = recons_std * std + mu if self.standardize else recons_std
         loss_fvu = fvu(x, recons)
         if self.training:
+            # Dead-latent counters are advanced by the training loop once per optimizer step.
             error = (x_std - recons_std).detach()
             auxk = self.auxk_loss(x_c, pre, error)
-            self.update_dead_(indices, n_tokens=x.shape[-2], values=values)
         else:
             auxk = x.new_zeros(())
         return ForwardOutput(
@@ -321,19 +321,28 @@ class MLSAE(nn.Module):
         return self.dead_mask().float().mean().item()
 
     @torch.no_grad()
-    def update_dead_(
-        self, indices: torch.Tensor, n_tokens: int, values: torch.Tensor | None = None
-    ) -> None:
-        """Advance the counters by ``n_tokens``; reset those of latents that fired.
+    def fired_mask(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n_latents,)`` True for latents in ``indices`` with a positive value.
 
-        A latent fired if it is in ``indices`` with a positive value (a top-k latent that the ReLU
-        zeroes did not fire); without ``values`` every selected latent counts.
+        A top-k latent that the ReLU zeroes did not fire; without ``values`` every selected
+        latent counts.
         """
-        self.tokens_since_fired += n_tokens
         fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
         selected = indices if values is None else indices[values > 0]
         fired[selected.flatten()] = True
-        self.tokens_since_fired[fired] = 0
+        return fired
+
+    @torch.no_grad()
+    def advance_dead_(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Advance every counter by ``n_tokens`` and reset those of the ``fired`` latents."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+
+    def update_dead_(
+        self, indices: torch.Tensor, n_tokens: int, values: torch.Tensor | None = None
+    ) -> None:
+        """`advance_dead_` with the latents that fired in ``indices``/``values``."""
+        self.advance_dead_(self.fired_mask(indices, values), n_tokens)
 
     # -- initialisation and constraints -----------------------------------------------------------
     @torch.no_grad()

@@ -1,8 +1,13 @@
 """The training loop: residuals -> (lens) -> MLSAE, Adam, atomic checkpoints, resume, a JSONL log.
 
-Readable top to bottom: each step takes ``batch_tokens`` tokens at every trained layer (so
-``batch_tokens * n_layers`` vectors), computes ``FVU + aux_coef * AuxK``, removes the decoder
-gradient parallel to each latent, steps Adam, and renormalises the decoder. The token budget and
+Readable top to bottom: each optimizer step takes ``grad_accum`` micro-batches of
+``batch_tokens`` tokens at every trained layer (``batch_tokens * n_layers`` vectors each) on each
+of the data-parallel processes, computes ``FVU + aux_coef * AuxK``, removes the decoder gradient
+parallel to each latent, steps Adam, renormalises the decoder, and advances the dead-latent
+counters by the step's tokens (a latent fired if it fired in any micro-batch on any process).
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPUs);
+process r takes every r-th micro-batch, so W processes with ``grad_accum`` A train exactly as
+one process with ``grad_accum`` A * W. The token budget and
 the dead-latent window are counted in tokens. Checkpoints (weights, optimizer, dead-latent counters,
 config, tokens seen, step) are written atomically (temporary file, then rename) and the
 previous one is kept, so a crash never leaves the run without a loadable checkpoint.
@@ -15,6 +20,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +61,8 @@ class TrainConfig:
     """Layers to train on (None: all, the MLSAE; one layer: a single-layer baseline)."""
     seed: int = 0
     """Seed of the SAE initialisation."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per process; DDP multiplies by the world size)."""
     checkpoint_every: int | None = None
     """Write a checkpoint every this many tokens (None: only at the end)."""
     log_every: int = 10
@@ -71,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}.")
         if self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}.")
+        if self.grad_accum <= 0:
+            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}.")
 
 
 class NonFiniteError(RuntimeError):
@@ -196,49 +206,73 @@ def train(
             },
         )
 
-    lens_layers = torch.tensor(layers)
+    rank, world = dist_info()
+    step_tokens = cfg.batch_tokens * cfg.grad_accum * world
+    if not bool(sae.b_pre_initialized):
+        # Every rank initialises b_pre from the same first batch, so no broadcast is needed.
+        x0 = next(cache.iter_batches(cfg.batch_tokens, layers=layers)).to(cfg.device)
+        x0 = lens.transform_layers(x0, layers) if lens is not None else x0
+        sae.init_b_pre_(sae.preprocess(x0)[0])
+    module = sae
+    if world > 1:
+        # Buffers (dead-latent counters) are reduced by hand at each step, not broadcast.
+        module = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
+    micro = cache.iter_batches(
+        cfg.batch_tokens, layers=layers, start_token=tokens_seen, rank=rank, world_size=world
+    )
     next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
-    bar = tqdm(total=budget, initial=tokens_seen, unit="tok", desc="train", disable=not progress)
+    show = progress and rank == 0
+    bar = tqdm(total=budget, initial=tokens_seen, unit="tok", desc="train", disable=not show)
     sae.train()
     t0 = time.time()
-    with open(log_path, "a") as log:
-        batches = cache.iter_batches(cfg.batch_tokens, layers=layers, start_token=tokens_seen)
-        for x in batches:
-            if tokens_seen >= budget:
-                break
-            x = x[:, : budget - tokens_seen].to(cfg.device)  # (layer, token, d_model)
-            if x.shape[1] < cfg.batch_tokens:
-                # An incomplete last batch is dropped: with one layer and one token its FVU
-                # denominator is zero, and small batches give noisy steps anyway.
-                break
-            if not torch.isfinite(x).all():
-                raise NonFiniteError(
-                    f"NaN/inf in activations at step {step} (tokens {tokens_seen}); "
-                    f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
-                )
-            if lens is not None:
-                x = lens.transform_layers(x, lens_layers)
-            out = sae(x)
-            if not torch.isfinite(out.loss):
-                raise NonFiniteError(
-                    f"Non-finite loss at step {step} (tokens {tokens_seen}); "
-                    f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
-                )
+    log = open(log_path, "a") if rank == 0 else None
+    try:
+        while tokens_seen + step_tokens <= budget:
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=cfg.device)
+            fvus, auxks = [], []
+            for a in range(cfg.grad_accum):
+                x = next(micro, None)
+                if x is None or x.shape[1] < cfg.batch_tokens:
+                    # An incomplete step is dropped (a 1-token single-layer batch has no variance).
+                    raise _EndOfData
+                x = x.to(cfg.device)  # (layer, token, d_model)
+                if _any_rank(not torch.isfinite(x).all(), cfg.device):
+                    raise NonFiniteError(
+                        f"NaN/inf in activations at step {step} (tokens {tokens_seen}); "
+                        f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
+                    )
+                if lens is not None:
+                    x = lens.transform_layers(x, layers)
+                sync = world == 1 or a == cfg.grad_accum - 1
+                with nullcontext() if sync else module.no_sync():
+                    out = module(x)
+                    if _any_rank(not torch.isfinite(out.loss), cfg.device):
+                        raise NonFiniteError(
+                            f"Non-finite loss at step {step} (tokens {tokens_seen}); last good "
+                            f"checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
+                        )
+                    (out.loss / cfg.grad_accum).backward()
+                fired |= sae.fired_mask(out.indices, out.values)
+                fvus.append(out.fvu.item())
+                auxks.append(out.auxk_loss.item())
+            if world > 1:  # a latent fired if it fired on any rank
+                fired_int = fired.int()
+                torch.distributed.all_reduce(fired_int, op=torch.distributed.ReduceOp.MAX)
+                fired = fired_int.bool()
             sae.remove_parallel_grad_()
             opt.step()
             sae.normalize_decoder_()
-            n = x.shape[1]
-            tokens_seen += n
+            sae.advance_dead_(fired, step_tokens)
+            tokens_seen += step_tokens
             step += 1
-            bar.update(n)
-            if step % cfg.log_every == 0 or tokens_seen >= budget:
+            bar.update(step_tokens)
+            if log is not None and (step % cfg.log_every == 0 or tokens_seen >= budget):
                 row = {
                     "step": step,
                     "tokens": tokens_seen,
-                    "fvu": out.fvu.item(),
-                    "auxk": out.auxk_loss.item(),
+                    "fvu": sum(fvus) / len(fvus),
+                    "auxk": sum(auxks) / len(auxks),
                     "dead_fraction": sae.dead_fraction(),
                     "seconds": round(time.time() - t0, 2),
                 }
@@ -246,11 +280,40 @@ def train(
                 log.flush()
                 bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}")
             if next_ckpt is not None and tokens_seen >= next_ckpt:
-                checkpoint()
+                if rank == 0:
+                    checkpoint()
                 next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
-    bar.close()
-    checkpoint()
+    except _EndOfData:
+        pass
+    finally:
+        if log is not None:
+            log.close()
+        bar.close()
+    if rank == 0:
+        checkpoint()
+    if world > 1:
+        torch.distributed.barrier()
     return sae.eval()
+
+
+class _EndOfData(Exception):
+    """The cache ran out before the budget: the last, incomplete step is dropped."""
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any rank (so that every rank raises together)."""
+    if dist_info()[1] == 1:
+        return bool(flag)
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 RESUMABLE_CHANGES = {"max_tokens", "checkpoint_every", "log_every", "device"}
@@ -280,3 +343,55 @@ def smooth(values: list[float], window: int = 10) -> list[float]:
         chunk = values[max(0, i - window + 1) : i + 1]
         out.append(math.fsum(chunk) / len(chunk))
     return out
+
+
+def init_distributed(device: str) -> str:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1; returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train one sweep entry of a params file: ``python -m mlsae.train r8-k32``.
+
+    Under ``torchrun --nproc_per_node N`` the run is data-parallel over N processes.
+    """
+    import argparse
+    import hashlib
+    from dataclasses import replace
+
+    from mlsae import config, pipeline
+    from mlsae.lens import TunedLens
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("run", help="sweep entry to train (a key of `sweep` in the params file)")
+    parser.add_argument("--out", default=".", help="root of cache/ (as the pipeline lays it out)")
+    parser.add_argument("--run-dir", default=None, help="checkpoint folder (default: the run's)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    params = config.load(args.params)
+    device = init_distributed(params.base.device)
+    lens, lens_sha = None, None
+    if params.sweep[args.run].lens:
+        folder = pipeline.lens_path(params, args.out)
+        lens = TunedLens.load(folder).to(device)
+        lens_sha = hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+    cfg = replace(pipeline.train_config(params, args.run, lens_sha=lens_sha), device=device)
+    cache = ActivationCache(pipeline.cache_paths(params, args.out)["train"])
+    run_dir = args.run_dir or Path(args.out) / params.base.cache_dir / "runs" / args.run
+    train(cfg, cache, run_dir, lens=lens, progress=not args.no_progress)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -103,3 +105,26 @@ def brown():
     from mlsae.data import load_corpus
 
     return load_corpus("brown")
+
+
+def make_cache(path, n_tokens=2048, n_layers=3, d=16, shard=256, seed=0, nan_at=None):
+    """A synthetic cache of sparse-ish structured vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(40, d, generator=gen)
+    path.mkdir(parents=True)
+    shards = []
+    for i in range(n_tokens // shard):
+        codes = torch.rand(n_layers, shard, 40, generator=gen)
+        codes = codes * (codes > 0.85)
+        acts = codes @ dictionary + 0.05 * torch.randn(n_layers, shard, d, generator=gen)
+        if nan_at is not None and i == nan_at:
+            acts[0, 3, 2] = float("nan")
+        name = f"shard_{i:05d}"
+        np.save(path / f"{name}.npy", acts.numpy().astype(np.float16))
+        np.save(path / f"{name}.tokens.npy", np.zeros(shard, dtype=np.int32))
+        shards.append(name)
+    meta = {"shards": shards, "n_layers": n_layers, "d_model": d, "n_tokens": n_tokens}
+    (path / "meta.json").write_text(json.dumps(meta))
+    from mlsae.activations import ActivationCache
+
+    return ActivationCache(path)

@@ -130,3 +130,12 @@ def test_kl_from_final_equals_the_explicit_definition(tiny_model):
     got = kl_from_final(Unembedder(tiny_model), FinalDistribution(logp), resid)
     torch.testing.assert_close(got, explicit, rtol=1e-4, atol=1e-5)
     assert (got > 0).all()
+
+
+def test_lens_kl_evaluation_is_exactly_zero_at_the_last_layer(tiny_model, tmp_path):
+    cache = _tiny_cache(tiny_model, tmp_path / "c")
+    lens = random_lens(32, 3, seed=5)
+    with torch.no_grad():  # large logits make float32 cancellation visible
+        tiny_model.unembed.W_U.mul_(30)
+    kl = lens_kl_per_layer(tiny_model, lens, cache, 10_000)
+    assert abs(kl[-1]) < 1e-9 and min(kl) >= 0

@@ -95,13 +95,6 @@ def test_dead_counter_counts_tokens_not_vectors():
     assert dead.nonzero().flatten().tolist() == [4, *range(9, 64)]
 
 
-def test_training_forward_counts_tokens_of_a_multilayer_batch():
-    sae = make_sae()
-    sae.train()
-    sae(torch.randn(3, 10, 16))
-    assert sae.tokens_since_fired.max().item() == 10
-
-
 def test_auxk_is_zero_with_no_dead_latents():
     sae = make_sae()
     sae.train()

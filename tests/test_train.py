@@ -1,32 +1,9 @@
-import json
-
 import numpy as np
 import pytest
 import torch
+from conftest import make_cache
 
-from mlsae.activations import ActivationCache
 from mlsae.train import NonFiniteError, TrainConfig, load_checkpoint, load_sae, read_log, train
-
-
-def make_cache(path, n_tokens=2048, n_layers=3, d=16, shard=256, seed=0, nan_at=None):
-    """A synthetic cache of sparse-ish structured vectors."""
-    gen = torch.Generator().manual_seed(seed)
-    dictionary = torch.randn(40, d, generator=gen)
-    path.mkdir(parents=True)
-    shards = []
-    for i in range(n_tokens // shard):
-        codes = torch.rand(n_layers, shard, 40, generator=gen)
-        codes = codes * (codes > 0.85)
-        acts = codes @ dictionary + 0.05 * torch.randn(n_layers, shard, d, generator=gen)
-        if nan_at is not None and i == nan_at:
-            acts[0, 3, 2] = float("nan")
-        name = f"shard_{i:05d}"
-        np.save(path / f"{name}.npy", acts.numpy().astype(np.float16))
-        np.save(path / f"{name}.tokens.npy", np.zeros(shard, dtype=np.int32))
-        shards.append(name)
-    meta = {"shards": shards, "n_layers": n_layers, "d_model": d, "n_tokens": n_tokens}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return ActivationCache(path)
 
 
 def cfg(**kw):
@@ -127,3 +104,19 @@ def test_missing_checkpoint_falls_back_to_prev(tmp_path):
     (run / "checkpoint.pt").unlink()  # a crash between the two renames of an older scheme
     train(cfg(max_tokens=640, checkpoint_every=320), cache, run, progress=False)
     assert load_checkpoint(run / "checkpoint.pt")["tokens_seen"] == 640
+
+
+def test_a_step_counts_its_tokens_once_whatever_the_layers(tmp_path):
+    cache = make_cache(tmp_path / "cache", n_layers=3)
+    c = cfg(expansion_factor=16, k=2, batch_tokens=16, max_tokens=16, dead_tokens=10**6)
+    sae = train(c, cache, tmp_path / "run", progress=False)
+    # one step of 16 tokens x 3 layers: unfired latents are 16 tokens stale, not 48
+    assert sae.tokens_since_fired.max().item() == 16
+    assert (sae.tokens_since_fired == 0).any()
+
+
+def test_grad_accum_counts_tokens_and_steps(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    train(cfg(max_tokens=640, grad_accum=2), cache, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["tokens_seen"] == 640 and state["step"] == 5
