@@ -211,7 +211,9 @@ def train(
     if not bool(sae.b_pre_initialized):
         # Every rank initialises b_pre from the same first batch, so no broadcast is needed.
         x0 = next(cache.iter_batches(cfg.batch_tokens, layers=layers)).to(cfg.device)
-        x0 = lens.transform_layers(x0, layers) if lens is not None else x0
+        if lens is not None:
+            with torch.no_grad():
+                x0 = lens.transform_layers(x0, layers)
         sae.init_b_pre_(sae.preprocess(x0)[0])
     module = sae
     if world > 1:
@@ -243,7 +245,8 @@ def train(
                         f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
                     )
                 if lens is not None:
-                    x = lens.transform_layers(x, layers)
+                    with torch.no_grad():  # the lens is fixed: no graph through its weights
+                        x = lens.transform_layers(x, layers)
                 sync = world == 1 or a == cfg.grad_accum - 1
                 with nullcontext() if sync else module.no_sync():
                     out = module(x)

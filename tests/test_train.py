@@ -120,3 +120,15 @@ def test_grad_accum_counts_tokens_and_steps(tmp_path):
     train(cfg(max_tokens=640, grad_accum=2), cache, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["tokens_seen"] == 640 and state["step"] == 5
+
+
+def test_training_in_lens_space_leaves_the_lens_untouched(tmp_path):
+    from mlsae.lens import random_lens
+
+    cache = make_cache(tmp_path / "cache", n_layers=3)
+    lens = random_lens(16, 3, scale=0.5, seed=0)
+    before = {k: v.clone() for k, v in lens.state_dict().items()}
+    train(cfg(max_tokens=256), cache, tmp_path / "run", lens=lens, progress=False)
+    for name, p in lens.named_parameters():
+        assert p.grad is None, name  # no graph was built through the lens
+        assert torch.equal(p.detach(), before[name])
