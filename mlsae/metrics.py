@@ -78,16 +78,24 @@ class ReconstructionStats:
         }
 
 
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """``(batch, pos - 1, vocab)`` float64 log-probabilities of the next token."""
+    return logits[:, :-1].double().log_softmax(-1)
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, logp=None) -> torch.Tensor:
     """``(batch, pos - 1)`` cross-entropy of predicting ``tokens[:, 1:]``."""
-    logp = logits[:, :-1].double().log_softmax(-1)
+    logp = next_token_logprobs(logits) if logp is None else logp
     return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
-def kl_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
-    """``(batch, pos - 1)`` KL(clean || patched) of the next-token distributions."""
-    p = clean_logits[:, :-1].double().log_softmax(-1)
-    q = patched_logits[:, :-1].double().log_softmax(-1)
+def kl_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor, p=None, q=None):
+    """``(batch, pos - 1)`` KL(clean || patched) of the next-token distributions.
+
+    ``p``/``q``: the two `next_token_logprobs`, when already computed.
+    """
+    p = next_token_logprobs(clean_logits) if p is None else p
+    q = next_token_logprobs(patched_logits) if q is None else q
     return (p.exp() * (p - q)).sum(-1)
 
 
@@ -130,7 +138,8 @@ def delta_ce_kl(
     if resid is None:
         resid = residual_stream(model, tokens)
     clean = model(tokens)
-    clean_ce = next_token_ce(clean, tokens)
+    clean_logp = next_token_logprobs(clean)  # once, not once per layer
+    clean_ce = next_token_ce(clean, tokens, clean_logp)
     keep = ~special_mask(tokens, special_token_ids(model))
     d_ce = torch.zeros(n_layers, dtype=torch.float64)
     kl = torch.zeros(n_layers, dtype=torch.float64)
@@ -141,8 +150,9 @@ def delta_ce_kl(
         patched = resid[layer].clone()
         patched[keep] = reconstruct(resid[layer][keep], layer).to(patched.dtype)
         logits = patched_logits(model, patched, layer)
-        d_ce[layer] = (next_token_ce(logits, tokens) - clean_ce)[scored].sum().cpu()
-        kl[layer] = kl_per_token(clean, logits)[scored].sum().cpu()
+        logq = next_token_logprobs(logits)  # shared by the CE and the KL
+        d_ce[layer] = (next_token_ce(logits, tokens, logq) - clean_ce)[scored].sum().cpu()
+        kl[layer] = kl_per_token(clean, logits, clean_logp, logq)[scored].sum().cpu()
     return {"delta_ce": d_ce, "kl": kl, "n": scored.sum().double().cpu()}
 
 
