@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -128,3 +129,20 @@ def make_cache(path, n_tokens=2048, n_layers=3, d=16, shard=256, seed=0, nan_at=
     from mlsae.activations import ActivationCache
 
     return ActivationCache(path)
+
+
+def write_train_params(path, cache_root, run: str, r: int, k: int, tokens: int, **train):
+    """A params file for `python -m mlsae.train` over a cache at ``cache_root/activations/train``.
+
+    One sweep entry ``run`` (R = ``r``, k = ``k``, no lens), ``tokens`` training tokens, fp32
+    selection; ``train`` sets further `train` keys.
+    """
+    params = {
+        "base": {"cache_dir": str(cache_root), "device": "cpu"},
+        "data": {"train_tokens": tokens},
+        "train": {"select_bf16": False, **train},
+        "analysis": {"baseline_run": run},
+        "sweep": {run: {"expansion_factor": r, "k": k, "lens": False}},
+    }
+    path.write_text(yaml.safe_dump(params))
+    return path

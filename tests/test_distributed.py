@@ -6,29 +6,25 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from conftest import make_cache
+from conftest import make_cache, write_train_params
 
 from mlsae.train import load_checkpoint
 
 
 def write_params(path: Path, cache_root: Path, grad_accum: int) -> Path:
-    params = {
-        "base": {"cache_dir": str(cache_root), "device": "cpu"},
-        "data": {"train_tokens": 1024},
-        "train": {
-            "lr": 3e-3,
-            "batch_tokens": 64,
-            "dead_tokens": 128,
-            "checkpoint_tokens": 512,
-            "select_bf16": False,
-            "grad_accum": grad_accum,
-        },
-        "analysis": {"baseline_run": "r4-k4"},
-        "sweep": {"r4-k4": {"expansion_factor": 4, "k": 4, "lens": False}},
-    }
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_train_params(
+        path,
+        cache_root,
+        "r4-k4",
+        4,
+        4,
+        tokens=1024,
+        lr=3e-3,
+        batch_tokens=64,
+        dead_tokens=128,
+        checkpoint_tokens=512,
+        grad_accum=grad_accum,
+    )
 
 
 def run(cmd, cwd):

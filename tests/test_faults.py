@@ -9,27 +9,24 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import make_cache
+from conftest import make_cache, write_train_params
 
 from mlsae.train import load_checkpoint
 
 
 def write_params(path, cache_root, tokens):
-    params = {
-        "base": {"cache_dir": str(cache_root), "device": "cpu"},
-        "data": {"train_tokens": tokens},
-        "train": {
-            "lr": 1e-3,
-            "batch_tokens": 32,
-            "dead_tokens": 256,
-            "checkpoint_tokens": 128,
-            "select_bf16": False,
-        },
-        "analysis": {"baseline_run": "r8-k8"},
-        "sweep": {"r8-k8": {"expansion_factor": 8, "k": 8, "lens": False}},
-    }
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_train_params(
+        path,
+        cache_root,
+        "r8-k8",
+        8,
+        8,
+        tokens=tokens,
+        lr=1e-3,
+        batch_tokens=32,
+        dead_tokens=256,
+        checkpoint_tokens=128,
+    )
 
 
 def command(params, run_dir):
