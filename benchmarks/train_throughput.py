@@ -14,8 +14,9 @@ decoder-norm handling, an Adam step and the trainer's dead-latent bookkeeping) o
 * ``sparsify``          EleutherAI sparsify 1.3.3 ``SparseCoder`` stepped as
                         ``sparsify.trainer.Trainer`` does it (but with Adam, see below).
 
-Every trainer uses ``torch.optim.Adam(lr, eps=6.25e-10)`` (mlsae's settings) so the comparison is
-about the implementations, not the optimizers (sparsify defaults to signum, SAELens to eps=1e-8).
+Every trainer uses the same optimizer, `mlsae.train.adam` (``torch.optim.Adam(lr, eps=6.25e-10)``
+with PyTorch's fused kernel, as mlsae trains), so the comparison is about the SAE implementations,
+not the optimizers (sparsify defaults to signum, SAELens to a non-fused Adam with eps=1e-8).
 Steps are interleaved round-robin (one step of each trainer per round, the order rotated each
 round) after a few warm-up steps, so machine noise hits every trainer alike; the table reports the
 median step. Read the *ratios*, which come from one run on one machine, not the absolute numbers.
@@ -55,6 +56,7 @@ import torch
 
 from mlsae.activations import ActivationCache
 from mlsae.sae import MLSAE
+from mlsae.train import adam
 
 ADAM_EPS = 6.25e-10
 """Adam epsilon of `mlsae.train.TrainConfig`, used for every trainer."""
@@ -90,7 +92,7 @@ class Ours(Trainer):
         self.name = "mlsae bf16-select" if select_bf16 else "mlsae fp32"
         torch.manual_seed(seed)
         self.sae = MLSAE(d, n, k, aux_coef=AUX_COEF, select_bf16=select_bf16).to(device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, eps=ADAM_EPS)
+        self.opt = adam(self.sae.parameters(), lr=lr, eps=ADAM_EPS)
         self.sae.init_b_pre_(self.sae.preprocess(x0)[0])
 
     def step(self, x):
@@ -128,7 +130,7 @@ class SAELens(Trainer):
         self._input = TrainStepInput
         torch.manual_seed(seed)
         self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, device=device))
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, eps=ADAM_EPS)
+        self.opt = adam(self.sae.parameters(), lr=lr, eps=ADAM_EPS)
         self.coefficients = {
             name: float(getattr(c, "value", c)) for name, c in self.sae.get_coefficients().items()
         }
@@ -183,7 +185,7 @@ class Sparsify(Trainer):
         torch.manual_seed(seed)
         self.sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
         self.sae.b_dec.data = x0.mean(0).to(self.sae.dtype)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, eps=ADAM_EPS)
+        self.opt = adam(self.sae.parameters(), lr=lr, eps=ADAM_EPS)
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)
 
     def step(self, x):

@@ -213,6 +213,17 @@ class ActivationCache:
             yield torch.from_numpy(np.concatenate(buffer, axis=1)).to(dtype)
 
 
+def take_tokens(batches: Iterable[torch.Tensor], max_tokens: int) -> Iterator[torch.Tensor]:
+    """The first ``max_tokens`` tokens (axis 1) of a stream of ``(layer, token, d)`` batches."""
+    seen = 0
+    for batch in batches:
+        if seen >= max_tokens:
+            return
+        batch = batch[:, : max_tokens - seen]
+        seen += batch.shape[1]
+        yield batch
+
+
 def _take(buffer: list[np.ndarray], n: int, held: int) -> tuple[np.ndarray, list[np.ndarray], int]:
     """Pop the first ``n`` tokens (axis 1) of a list of arrays."""
     out, got = [], 0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import ActivationCache, residual_stream
+from mlsae.activations import ActivationCache, residual_stream, take_tokens
 from mlsae.latents import LayerStats, TopContexts, decoder_cosine_histogram
 from mlsae.metrics import mmcs
 from mlsae.sae import MLSAE
@@ -37,14 +37,17 @@ def lens_twin(params, run: str) -> str | None:
 
 def load_run(params, run: str, out_dir: str | Path = "."):
     """``(sae, lens or None)`` of a trained sweep entry."""
-    from mlsae.lens import TunedLens
-    from mlsae.pipeline import lens_path
+    from mlsae.pipeline import run_lens
     from mlsae.train import load_sae
 
     out_dir = Path(out_dir)
     sae = load_sae(out_dir / params.base.cache_dir / "runs" / run / "checkpoint.pt").eval()
-    lens = TunedLens.load(lens_path(params, out_dir)) if params.sweep[run].lens else None
-    return sae, lens
+    return sae, run_lens(params, run, out_dir, "cpu")[0]
+
+
+def load_latent_stats(params, run: str, out_dir: str | Path = ".") -> LayerStats:
+    """The latent statistics that evaluating sweep entry ``run`` wrote (held-out test cache)."""
+    return LayerStats.load(Path(out_dir) / params.base.cache_dir / "runs" / run / "latent_stats.pt")
 
 
 @torch.no_grad()
@@ -56,16 +59,13 @@ def scan(
     top = TopContexts(cache.n_layers, sae.n_latents, n_top)
     layers = list(range(cache.n_layers))
     seen = 0
-    for x in cache.iter_batches(1024):
-        x = x[:, : max_tokens - seen]
+    for x in take_tokens(cache.iter_batches(1024), max_tokens):
         if lens is not None:
             x = lens.transform_layers(x, layers)
         values, indices = sae.encode(x)
         stats.update(values, indices)
         top.update(values, indices, offset=seen)
         seen += x.shape[1]
-        if seen >= max_tokens:
-            break
     tokens = np.concatenate([cache.tokens(i) for i in range(len(cache))])[:seen]
     return stats, top, tokens
 

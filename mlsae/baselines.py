@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import ActivationCache
+from mlsae.activations import ActivationCache, take_tokens
 from mlsae.metrics import ReconstructionStats, delta_ce_kl
 from mlsae.sae import MLSAE
 
@@ -24,15 +24,10 @@ def fvu_matrix(
 ) -> torch.Tensor:
     """``(train layer, eval layer)`` FVU of each SAE on cached held-out residuals."""
     stats = {t: ReconstructionStats(len(layers), cache.d_model, saes[t].n_latents) for t in saes}
-    seen = 0
-    for batch in cache.iter_batches(1024, layers=layers):
-        batch = batch[:, : max_tokens - seen]  # (eval layer, token, d)
-        for t, sae in saes.items():
+    for batch in take_tokens(cache.iter_batches(1024, layers=layers), max_tokens):
+        for t, sae in saes.items():  # batch: (eval layer, token, d)
             out = sae(batch)
             stats[t].update(batch, out.recons, out.values)
-        seen += batch.shape[1]
-        if seen >= max_tokens:
-            break
     return torch.tensor([stats[t].compute()["fvu"] for t in saes])
 
 

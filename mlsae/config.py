@@ -75,7 +75,10 @@ class Eval:
     """Evaluation on the held-out split."""
 
     eval_tokens: int = 8192
-    ce_batches: int = 1
+    """Held-out tokens (from the test cache) for FVU, L0, L1 and the latent statistics."""
+    ce_contexts: int = 4
+    """Held-out contexts (of ``data.context_length`` tokens) run through the model for delta CE
+    and KL."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ Definitions, for latent i, layer l, and activations :math:`a_{t,l,i} \ge 0`:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,21 @@ class LayerStats:
         self.token_var_sum += var.sum(0)
         self.token_count += seen.double().sum(0)
         self.n_tokens += n_tok
+
+    def save(self, path: str | Path) -> None:
+        """Write the accumulated sums (a few MB: O(layers x latents)) with `torch.save`."""
+        torch.save(dict(vars(self)), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerStats:
+        """Read statistics written by `save`."""
+        try:
+            state = torch.load(path, weights_only=True)
+            stats = cls(state["n_layers"], state["n_latents"])
+        except Exception as e:
+            raise ValueError(f"Cannot read latent statistics from {path}: {e}") from e
+        vars(stats).update(state)
+        return stats
 
     def compute(self, min_tokens: int = 10) -> dict:
         """Per-latent statistics (tensors) and summary numbers."""

@@ -18,6 +18,7 @@ r"""Evaluation metrics, each stated as a formula, accumulated in float64 over an
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -83,20 +84,52 @@ def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1].double().log_softmax(-1)
 
 
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, logp=None) -> torch.Tensor:
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """``(batch, pos - 1)`` cross-entropy of predicting ``tokens[:, 1:]``."""
-    logp = next_token_logprobs(logits) if logp is None else logp
+    logp = next_token_logprobs(logits)
     return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
-def kl_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor, p=None, q=None):
-    """``(batch, pos - 1)`` KL(clean || patched) of the next-token distributions.
+class NextTokenDistribution:
+    """The clean next-token distribution p of a token batch, for CE and KL(p || q) of patched runs.
 
-    ``p``/``q``: the two `next_token_logprobs`, when already computed.
+    With z the patched logits and lse(z) = log sum_v exp(z_v):
+    CE = lse(z) - z[next token] and KL(p || q) = sum_v p_v log p_v - p . z + lse(z), so each
+    patched run costs one float64 logsumexp and one dot product per position (no log-softmax of
+    the patched logits, no exp of the clean ones). Computed in float64, a block of positions at a
+    time (a whole batch of vocabulary-sized float64 rows is ~1 GB of memory traffic per step).
     """
-    p = next_token_logprobs(clean_logits) if p is None else p
-    q = next_token_logprobs(patched_logits) if q is None else q
-    return (p.exp() * (p - q)).sum(-1)
+
+    rows = 64  # positions per block
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor):
+        z = logits[:, :-1]
+        self.shape = z.shape[:-1]
+        self.targets = tokens[:, 1:].reshape(-1, 1).to(z.device)
+        self.p = torch.empty(z.shape, dtype=torch.float64, device=z.device).view(-1, z.shape[-1])
+        self.neg_entropy = torch.empty(self.p.shape[0], dtype=torch.float64, device=z.device)
+        self.ce = torch.empty_like(self.neg_entropy)
+        for rows, zc in self._blocks(z):
+            logp = zc.log_softmax(-1)
+            self.p[rows] = logp.exp()
+            self.neg_entropy[rows] = (self.p[rows] * logp).sum(-1)
+            self.ce[rows] = -logp.gather(-1, self.targets[rows]).squeeze(-1)
+        self.ce = self.ce.view(self.shape)
+
+    def _blocks(self, z: torch.Tensor):
+        flat = z.reshape(-1, z.shape[-1])
+        for start in range(0, flat.shape[0], self.rows):
+            rows = slice(start, start + self.rows)
+            yield rows, flat[rows].double()
+
+    def ce_and_kl(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, pos - 1)`` cross-entropy and KL(clean || patched) for patched ``logits``."""
+        ce, kl = torch.empty_like(self.neg_entropy), torch.empty_like(self.neg_entropy)
+        for rows, z in self._blocks(logits[:, :-1]):
+            lse = z.logsumexp(-1)
+            ce[rows] = lse - z.gather(-1, self.targets[rows]).squeeze(-1)
+            kl[rows] = self.neg_entropy[rows] + lse - (self.p[rows] * z).sum(-1)
+        return ce.view(self.shape), kl.view(self.shape)
 
 
 @torch.no_grad()
@@ -137,9 +170,8 @@ def delta_ce_kl(
     tokens = tokens.to(model.cfg.device)
     if resid is None:
         resid = residual_stream(model, tokens)
-    clean = model(tokens)
-    clean_logp = next_token_logprobs(clean)  # once, not once per layer
-    clean_ce = next_token_ce(clean, tokens, clean_logp)
+    # The clean logits are the final norm and unembedding of the last block's output.
+    clean = NextTokenDistribution(patched_logits(model, resid[-1], n_layers - 1), tokens)
     keep = ~special_mask(tokens, special_token_ids(model))
     d_ce = torch.zeros(n_layers, dtype=torch.float64)
     kl = torch.zeros(n_layers, dtype=torch.float64)
@@ -149,10 +181,9 @@ def delta_ce_kl(
     for layer in layers:
         patched = resid[layer].clone()
         patched[keep] = reconstruct(resid[layer][keep], layer).to(patched.dtype)
-        logits = patched_logits(model, patched, layer)
-        logq = next_token_logprobs(logits)  # shared by the CE and the KL
-        d_ce[layer] = (next_token_ce(logits, tokens, logq) - clean_ce)[scored].sum().cpu()
-        kl[layer] = kl_per_token(clean, logits, clean_logp, logq)[scored].sum().cpu()
+        ce, kl_tok = clean.ce_and_kl(patched_logits(model, patched, layer))
+        d_ce[layer] = (ce - clean.ce)[scored].sum().cpu()
+        kl[layer] = kl_tok[scored].sum().cpu()
     return {"delta_ce": d_ce, "kl": kl, "n": scored.sum().double().cpu()}
 
 
@@ -181,8 +212,10 @@ def evaluate(
     lens=None,
     ce_batches: int | None = None,
     layers: list[int] | None = None,
+    vectors: Iterable[torch.Tensor] | None = None,
+    latent_stats=None,
 ) -> dict:
-    """Evaluate an SAE over token batches; per-layer metrics and their mean over layers.
+    """Evaluate an SAE on held-out data; per-layer metrics and their mean over layers.
 
     Args:
         sae: the SAE (trained on lens-space vectors when ``lens`` is given).
@@ -192,6 +225,10 @@ def evaluate(
             the SAE reconstructs) and ``fvu_raw`` in the raw residual space.
         ce_batches: compute delta CE and KL on the first this-many batches (all if None).
         layers: model layers the SAE was trained on (default all); for a single-layer SAE, one.
+        vectors: raw residual batches ``(len(layers), token, d)`` for FVU, L0 and L1, e.g. from
+            the test activation cache. Then the model runs only on the delta-CE batches; without
+            it, FVU, L0 and L1 come from the residuals of every token batch.
+        latent_stats: a `mlsae.latents.LayerStats` to feed with the same activations.
 
     Returns:
         ``{"per_layer": {metric: [value per layer]}, "mean": {metric: value}, "layers": [...],
@@ -216,17 +253,27 @@ def evaluate(
     def reconstruct(x: torch.Tensor, layer: int) -> torch.Tensor:
         return from_space(sae(to_space(x.to(device), layer)).recons, layer).to(x.dtype)
 
-    for i, tokens in enumerate(token_batches):
-        resid = residual_stream(model, tokens)  # (layer, batch, pos, d)
-        keep = ~special_mask(tokens.to(resid.device), specials)
-        x_raw = resid[layers][:, keep].to(device)  # (layer, token, d)
+    def add(x_raw: torch.Tensor) -> None:  # (layer, token, d), raw space
+        x_raw = x_raw.to(device)
         x = torch.stack([to_space(x_raw[j], layer) for j, layer in enumerate(layers)])
         out = sae(x)
         stats.update(x, out.recons, out.values, out.indices)
         if raw_stats is not None:
             raw = torch.stack([from_space(out.recons[j], ly) for j, ly in enumerate(layers)])
             raw_stats.update(x_raw, raw, out.values)
-        if ce_batches is None or i < ce_batches:
+        if latent_stats is not None:
+            latent_stats.update(out.values, out.indices)
+
+    for x_raw in vectors if vectors is not None else ():
+        add(x_raw)
+    if vectors is not None and ce_batches is not None:
+        token_batches = itertools.islice(token_batches, ce_batches)  # read no batch past them
+    for i, tokens in enumerate(token_batches):
+        with_ce = ce_batches is None or i < ce_batches
+        resid = residual_stream(model, tokens)  # (layer, batch, pos, d)
+        if vectors is None:
+            add(resid[layers][:, ~special_mask(tokens.to(resid.device), specials)])
+        if with_ce:
             res = delta_ce_kl(model, tokens, reconstruct, layers, resid)
             ce_sum += res["delta_ce"]
             kl_sum += res["kl"]

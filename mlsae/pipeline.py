@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import ActivationCache
+from mlsae.activations import ActivationCache, take_tokens
 from mlsae.data import token_batches
 from mlsae.metrics import evaluate
 from mlsae.train import TrainConfig, train
@@ -45,26 +45,40 @@ def get_cache(
 def train_and_evaluate(
     cfg: TrainConfig,
     cache: ActivationCache,
+    test_cache: ActivationCache,
     run_dir: str | Path,
     model: HookedTransformer,
     test_docs: list[str],
     context_length: int,
     eval_batch_size: int,
     eval_tokens: int,
-    ce_batches: int | None,
+    ce_contexts: int,
     lens=None,
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a run, evaluate it on held-out text, write ``run_dir/metrics.json``."""
+    """Train (or resume) a run, evaluate it on held-out data, write ``run_dir/metrics.json``.
+
+    FVU, L0 and L1 come from the first ``eval_tokens`` tokens of the test cache (no model
+    forward); delta CE and KL from the first ``ce_contexts`` contexts of ``test_docs``, run through
+    the model in batches of ``eval_batch_size``.
+    The latent statistics of the same pass (counts and summed activations per layer and latent)
+    go to ``run_dir/latent_stats.pt`` for the latent analyses.
+    """
+    from mlsae.latents import LayerStats
+
     run_dir = Path(run_dir)
-    metrics_file = run_dir / "metrics.json"
     sae = train(cfg, cache, run_dir, lens=lens, progress=progress)
-    batches = token_batches(
-        test_docs, model.tokenizer, context_length, eval_batch_size, eval_tokens
+    layers = cfg.layers or list(range(test_cache.n_layers))
+    vectors = take_tokens(test_cache.iter_batches(1024, layers=cfg.layers), eval_tokens)
+    ce_tokens = ce_contexts * context_length
+    batches = token_batches(test_docs, model.tokenizer, context_length, eval_batch_size, ce_tokens)
+    latent_stats = LayerStats(len(layers), sae.n_latents)
+    result = evaluate(
+        sae, model, batches, lens, None, layers, vectors=vectors, latent_stats=latent_stats
     )
-    result = evaluate(sae, model, batches, lens=lens, ce_batches=ce_batches, layers=cfg.layers)
     result["config"] = {k: v for k, v in vars(cfg).items() if k != "extra"} | cfg.extra
-    metrics_file.write_text(json.dumps(result, indent=1))
+    latent_stats.save(run_dir / "latent_stats.pt")
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -79,11 +93,31 @@ def lens_path(params, out_dir: str | Path = ".") -> Path:
     return Path(out_dir) / params.lens.lens_dir / "lens" / params.base.model
 
 
-def train_config(params, run: str, layers: list[int] | None = None, lens_sha=None) -> TrainConfig:
-    """The `TrainConfig` of sweep entry ``run`` (on ``layers``; None: every layer)."""
+def sweep_entry(params, run: str):
+    """``params.sweep[run]``, or a clear error naming the runs there are."""
     if run not in params.sweep:
         raise KeyError(f"Unknown sweep run {run!r}; params.yaml has {sorted(params.sweep)}.")
-    entry = params.sweep[run]
+    return params.sweep[run]
+
+
+def run_lens(params, run: str, out_dir: str | Path = ".", device: str | None = None):
+    """``(lens, sha)`` of sweep entry ``run``, ``(None, None)`` for a run without a lens.
+
+    ``sha`` is a short hash of the lens weights, recorded in the run's config so that a retrained
+    lens never resumes a stale run.
+    """
+    from mlsae.lens import TunedLens
+
+    if not sweep_entry(params, run).lens:
+        return None, None
+    folder = lens_path(params, out_dir)
+    lens = TunedLens.load(folder).to(device or params.base.device)
+    return lens, hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+
+
+def train_config(params, run: str, layers: list[int] | None = None, lens_sha=None) -> TrainConfig:
+    """The `TrainConfig` of sweep entry ``run`` (on ``layers``; None: every layer)."""
+    entry = sweep_entry(params, run)
     return TrainConfig(
         expansion_factor=entry.expansion_factor,
         k=entry.k,
@@ -120,28 +154,22 @@ def test_documents(params) -> list[str]:
 
 def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):
     """Train and evaluate sweep entry ``run``; write ``results/runs/<run>.json``."""
-    from mlsae.lens import TunedLens
-
-    if run not in params.sweep:
-        raise KeyError(f"Unknown sweep run {run!r}; params.yaml has {sorted(params.sweep)}.")
     out_dir = Path(out_dir)
-    lens, lens_sha = None, None
-    if params.sweep[run].lens:
-        folder = lens_path(params, out_dir)
-        lens = TunedLens.load(folder).to(params.base.device)
-        lens_sha = hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+    lens, lens_sha = run_lens(params, run, out_dir)
     cfg = train_config(params, run, lens_sha=lens_sha)
     run_dir = out_dir / params.base.cache_dir / "runs" / run
+    paths = cache_paths(params, out_dir)
     result = train_and_evaluate(
         cfg,
-        ActivationCache(cache_paths(params, out_dir)["train"]),
+        ActivationCache(paths["train"]),
+        ActivationCache(paths["test"]),
         run_dir,
         model,
         test_documents(params),
         context_length=params.data.context_length,
         eval_batch_size=params.data.batch_contexts,
         eval_tokens=params.eval.eval_tokens,
-        ce_batches=params.eval.ce_batches,
+        ce_contexts=params.eval.ce_contexts,
         lens=lens,
     )
     results = out_dir / "results" / "runs"

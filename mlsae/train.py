@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -143,6 +142,17 @@ def load_sae(path: str | Path, device: str = "cpu") -> MLSAE:
     return sae.to(device)
 
 
+def adam(params, lr: float, eps: float) -> torch.optim.Adam:
+    """Adam (no weight decay) with PyTorch's fused kernel where it exists (CPU, CUDA).
+
+    The fused kernel applies the same update as the default one in one pass over each tensor;
+    on the 2-core CPU it is ~7x faster than the default at the MLSAE's size.
+    """
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=fused)
+
+
 def train(
     cfg: TrainConfig,
     cache: ActivationCache,
@@ -168,7 +178,7 @@ def train(
     budget = cache.n_tokens if cfg.max_tokens is None else min(cfg.max_tokens, cache.n_tokens)
 
     sae = build_sae(cfg, cache.d_model).to(cfg.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     tokens_seen, step = 0, 0
     prev_path = ckpt_path.with_name(ckpt_path.name + ".prev")
     if resume and not ckpt_path.exists() and prev_path.exists():
@@ -339,15 +349,6 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def smooth(values: list[float], window: int = 10) -> list[float]:
-    """Trailing moving average (for plotting and for checking the loss falls)."""
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(math.fsum(chunk) / len(chunk))
-    return out
-
-
 def init_distributed(device: str) -> str:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1; returns this process's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
@@ -367,11 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     Under ``torchrun --nproc_per_node N`` the run is data-parallel over N processes.
     """
     import argparse
-    import hashlib
     from dataclasses import replace
 
     from mlsae import config, pipeline
-    from mlsae.lens import TunedLens
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file")
@@ -383,11 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     params = config.load(args.params)
     device = init_distributed(params.base.device)
-    lens, lens_sha = None, None
-    if params.sweep[args.run].lens:
-        folder = pipeline.lens_path(params, args.out)
-        lens = TunedLens.load(folder).to(device)
-        lens_sha = hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+    lens, lens_sha = pipeline.run_lens(params, args.run, args.out, device)
     cfg = replace(pipeline.train_config(params, args.run, lens_sha=lens_sha), device=device)
     cache = ActivationCache(pipeline.cache_paths(params, args.out)["train"])
     run_dir = args.run_dir or Path(args.out) / params.base.cache_dir / "runs" / args.run

@@ -111,3 +111,22 @@ def test_top_contexts_match_a_dense_reference():
                     assert top.positions[layer, latent, r] == best.indices[r]
                 else:
                     assert top.positions[layer, latent, r] == -1
+
+
+def test_saved_statistics_load_to_the_same_results(tmp_path):
+    stats = LayerStats(L, 5)
+    stats.update(*constructed())
+    stats.save(tmp_path / "s.pt")
+    back = LayerStats.load(tmp_path / "s.pt")
+    a, b = stats.compute(min_tokens=1), back.compute(min_tokens=1)
+    assert back.n_tokens == T and torch.equal(back.counts, stats.counts)
+    assert torch.allclose(a["per_token_variance"], b["per_token_variance"], equal_nan=True)
+    for key in ("distribution", "n_layers_above"):
+        assert torch.equal(a[key], b[key])
+    assert a["summary"] == b["summary"]
+
+
+def test_unreadable_statistics_file_is_a_clear_error(tmp_path):
+    (tmp_path / "s.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="latent statistics"):
+        LayerStats.load(tmp_path / "s.pt")

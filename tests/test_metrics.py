@@ -111,3 +111,39 @@ def test_residual_drift_hand_computed(tmp_path):
     assert out["norm"] == pytest.approx([1.0, 2.0, 3.0])
     # centring: layer means (0.5, 0.5), (1, 1), (-1.5, 1.5); centred pairs stay aligned/orthogonal
     assert out["cosine_centred"] == pytest.approx([1.0, 0.0], abs=1e-12)
+
+
+def test_evaluate_on_given_vectors_equals_evaluate_on_model_residuals(tiny_model):
+    from mlsae.latents import LayerStats
+
+    torch.manual_seed(0)
+    sae = MLSAE(32, 64, 4).eval()
+    batches = [torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]]), torch.tensor([[1, 12, 13, 14, 15, 16]])]
+    ref = evaluate(sae, tiny_model, batches, ce_batches=1)
+    vectors = [residual_stream(tiny_model, t)[:, 0, 1:] for t in batches]  # BOS dropped
+    stats = LayerStats(3, 64)
+    got = evaluate(
+        sae, tiny_model, iter(batches), ce_batches=1, vectors=vectors, latent_stats=stats
+    )
+    for key in ("fvu", "l0", "l1", "delta_ce", "kl"):
+        assert got["per_layer"][key] == pytest.approx(ref["per_layer"][key], rel=1e-6), key
+    assert got["n_tokens"] == ref["n_tokens"] == 12 and got["n_ce_tokens"] == ref["n_ce_tokens"]
+    # the latent statistics are those of the same activations
+    manual = LayerStats(3, 64)
+    for x in vectors:
+        manual.update(*sae.encode(x))
+    assert stats.n_tokens == 12 and torch.equal(stats.counts, manual.counts)
+    assert torch.allclose(stats.totals, manual.totals)
+
+
+def test_evaluate_on_vectors_runs_the_model_only_on_the_delta_ce_batches(tiny_model):
+    sae = MLSAE(32, 64, 4).eval()
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+
+    def batches():
+        yield tokens
+        raise AssertionError("a batch past ce_batches was read")
+
+    vectors = [torch.randn(3, 5, 32)]
+    res = evaluate(sae, tiny_model, batches(), ce_batches=1, vectors=vectors)
+    assert res["n_tokens"] == 5 and res["n_ce_tokens"] == 6  # 7 predictions, not from BOS

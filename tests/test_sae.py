@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mlsae.sae import MLSAE, fvu, geometric_median, nearest_power_of_2, standardize
+from mlsae.sae import MLSAE, fvu, geometric_median, nearest_power_of_2, standardize, topk_rows
 
 
 def make_sae(d=16, n=64, k=4, **kw):
@@ -239,3 +239,25 @@ def test_bf16_selection_in_training_only():
     sae.eval()  # evaluation is exact float32
     values, indices = sae.encode(x)
     torch.testing.assert_close(values, sae.pre_activations(x_std).gather(-1, indices).relu())
+
+
+@pytest.mark.parametrize(
+    "shape,k", [((64, 4608), 32), ((50, 512), 16), ((7, 100), 3), ((9, 96), 4)]
+)
+def test_topk_rows_equals_torch_topk(shape, k):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[0, : shape[1] // 2] = 5.0  # a row of ties at the top
+    x[1] = torch.arange(shape[1], dtype=torch.float32)  # all of the top in the last block
+    x[2] = -torch.arange(shape[1], dtype=torch.float32)  # ... and in the first block
+    values, indices = topk_rows(x, k)
+    ref = x.topk(k, dim=-1).values
+    assert torch.equal(values.sort(-1, descending=True).values, ref)
+    assert torch.equal(x.gather(1, indices), values)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct latents per row
+
+
+def test_standardize_matches_torch_std():
+    x = torch.randn(8, 3, 576) * 40 + 3
+    _, mu, std = standardize(x)
+    assert torch.allclose(std, x.std(dim=-1, keepdim=True), rtol=1e-6)
