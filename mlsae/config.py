@@ -65,7 +65,11 @@ class Lens:
     steps: int = 60
     batch_tokens: int = 128
     lr: float = 1e-3
-    lens_dir: str = "cache/lens"
+    lens_dir: str | None = None
+    """Where to look for an existing lens (``lens/<model id>/``) when not training one.
+
+    None: the published lenses on the hub. The pipeline's own copy is ``<cache_dir>/lens/<model>``.
+    """
     eval_tokens: int = 4096
     """Held-out tokens for the logit-lens vs tuned-lens KL table."""
 
@@ -214,6 +218,23 @@ def validate(
         if bad:
             raise ConfigError(
                 f"analysis.baseline_layers {bad} out of range for a {n_layers}-layer model."
+            )
+    with_lens = [name for name, run in p.sweep.items() if run.lens]
+    if with_lens and not p.lens.train:
+        from mlsae.lens import PUBLISHED_LENSES, local_lens_folder
+
+        model = p.base.model
+        local = p.lens.lens_dir and local_lens_folder(model, p.lens.lens_dir)
+        if model not in PUBLISHED_LENSES and not local:
+            where = (
+                f"none at {Path(p.lens.lens_dir) / 'lens' / model}/{{config.json, params.pt}}"
+                if p.lens.lens_dir
+                else "lens.lens_dir is not set"
+            )
+            raise ConfigError(
+                f"sweep.{with_lens[0]} asks for a tuned lens and lens.train is false, but no lens "
+                f"is available for {model!r}: none is published for it and {where}. Set "
+                "lens.train: true to train one, or lens.lens_dir to a folder holding one."
             )
     for name, run in p.sweep.items():
         _positive(f"sweep.{name}.train_tokens", run.train_tokens)

@@ -1,4 +1,4 @@
-"""Corpora as lists of documents, a seeded split by document, and fixed-length token batches.
+"""Corpora as documents, a seeded split by document, and fixed-length token batches.
 
 Corpus specs understood by `load_corpus`:
 
@@ -8,7 +8,8 @@ Corpus specs understood by `load_corpus`:
   ``$MLSAE_CACHE``).
 * ``"text:<path>"``: a text file (one document) or a folder of ``*.txt`` files (one each).
 * ``"hf:<dataset>[:<split>]"``: a Hugging Face dataset's ``text`` column, streamed (the paper's
-  ``monology/pile-uncopyrighted``); needs the hub. Use ``max_documents`` to bound it.
+  ``monology/pile-uncopyrighted``); needs the hub. Never held in memory: `iter_corpus` gives a
+  re-iterable stream, and `split_corpus` splits it by a seeded hash of each document.
 """
 
 from __future__ import annotations
@@ -37,23 +38,31 @@ BROWN_FILE = re.compile(r"^c[a-r]\d\d$")
 CORPORA = ("brown", "text:<path>", "hf:<dataset>[:<split>]")
 
 
-def load_corpus(spec: str, max_documents: int | None = None) -> list[str]:
-    """Load a corpus as a list of documents (see the module docstring for ``spec``).
+def iter_corpus(spec: str) -> Iterable[str]:
+    """A corpus's documents (see the module docstring for ``spec``).
+
+    A list for the small local corpora; a lazy, re-iterable stream for ``hf:`` datasets.
 
     Raises:
         ValueError: for an unknown spec.
         FileNotFoundError: when the corpus cannot be found or fetched.
     """
     if spec == "brown":
-        docs = _brown_documents()
-    elif spec.startswith("text:"):
-        docs = _text_documents(Path(spec.removeprefix("text:")))
-    elif spec.startswith("hf:"):
+        return _brown_documents()
+    if spec.startswith("text:"):
+        return _text_documents(Path(spec.removeprefix("text:")))
+    if spec.startswith("hf:"):
         name, _, split = spec.removeprefix("hf:").partition(":")
-        docs = _hf_documents(name, split or "train", max_documents)
-    else:
-        raise ValueError(f"Unknown corpus {spec!r}. Supported corpora: {', '.join(CORPORA)}.")
-    return docs[:max_documents] if max_documents is not None else docs
+        return HFDocuments(name, split or "train")
+    raise ValueError(f"Unknown corpus {spec!r}. Supported corpora: {', '.join(CORPORA)}.")
+
+
+def load_corpus(spec: str, max_documents: int | None = None) -> list[str]:
+    """The first ``max_documents`` documents of a corpus (all if None) as a list."""
+    docs = iter_corpus(spec)
+    if isinstance(docs, list):
+        return docs[:max_documents]
+    return list(islice(docs, max_documents))
 
 
 def _nltk_brown_dir() -> Path | None:
@@ -153,11 +162,52 @@ def _text_documents(path: Path) -> list[str]:
     raise FileNotFoundError(f"Text corpus path {path} does not exist.")
 
 
-def _hf_documents(name: str, split: str, max_documents: int | None) -> list[str]:
-    import datasets
+class HFDocuments:
+    """The ``text`` column of a Hugging Face dataset, streamed anew on each iteration."""
 
-    stream = datasets.load_dataset(name, split=split, streaming=True)
-    return [row["text"] for row in islice(stream, max_documents)]
+    def __init__(self, name: str, split: str = "train"):
+        self.name, self.split = name, split
+
+    def __iter__(self) -> Iterator[str]:
+        import datasets
+
+        for row in datasets.load_dataset(self.name, split=self.split, streaming=True):
+            yield row["text"]
+
+
+class HashSplit:
+    """The ``"train"`` or ``"test"`` part of a document stream, never materialised.
+
+    A document is a test document when a seeded hash of its text falls below ``test_fraction``,
+    so the split needs no document count, is the same whatever the stream's order, and every
+    pass over the stream gives the same documents (re-iterable when ``docs`` is).
+    """
+
+    def __init__(self, docs: Iterable[str], test_fraction: float, seed: int, part: str):
+        if part not in ("train", "test"):
+            raise ValueError(f"part must be 'train' or 'test', got {part!r}.")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+        self.docs, self.test_fraction, self.seed, self.part = docs, test_fraction, seed, part
+
+    def is_test(self, doc: str) -> bool:
+        """Whether ``doc`` belongs to the test part."""
+        key = hashlib.blake2b(doc.encode(), digest_size=8, key=str(self.seed).encode()).digest()
+        return int.from_bytes(key, "big") < self.test_fraction * 2**64
+
+    def __iter__(self) -> Iterator[str]:
+        want_test = self.part == "test"
+        return (doc for doc in self.docs if self.is_test(doc) == want_test)
+
+
+def split_corpus(docs: Iterable[str], test_fraction: float = 0.1, seed: int = 0):
+    """``(train, test)`` documents of a corpus from `iter_corpus`.
+
+    `split_documents` for a list (an exact, seeded share); a `HashSplit` pair for a stream.
+    """
+    if isinstance(docs, list):
+        return split_documents(docs, test_fraction, seed)
+    return tuple(HashSplit(docs, test_fraction, seed, part) for part in ("train", "test"))
 
 
 def split_documents(

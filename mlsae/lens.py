@@ -27,10 +27,24 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mlsae.metrics import kl_from_logits
+
 logger = logging.getLogger(__name__)
 
 MAX_CONDITION = 1e6
 HUB_REPO = "AlignmentResearch/tuned-lens"
+_PYTHIA_WITH_LENS = ("70m", "160m", "410m", "1.4b", "2.8b", "6.9b", "12b")
+PUBLISHED_LENSES = frozenset(
+    [f"EleutherAI/pythia-{size}-deduped" for size in _PYTHIA_WITH_LENS]
+    + ["gpt2", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neox-20b"]
+)
+"""Model ids with a lens under ``lens/<model id>/`` in the `HUB_REPO` space (not Pythia-1b)."""
+
+
+def local_lens_folder(model: str, lens_dir: str | Path) -> Path | None:
+    """``lens_dir/lens/<model>`` when it holds a lens (config.json and params.pt), else None."""
+    folder = Path(lens_dir) / "lens" / model
+    return folder if (folder / "config.json").exists() and (folder / "params.pt").exists() else None
 
 
 class TunedLens(nn.Module):
@@ -211,13 +225,8 @@ class FinalDistribution:
 
 
 def kl_from_final(unembed: Unembedder, final: FinalDistribution, resid: torch.Tensor):
-    """Per-token KL(final || lens) ``(token,)`` for residuals ``(token, d)``.
-
-    With lens logits z: ``KL = sum p log p - sum p z + logsumexp(z)``, whose gradient in z is
-    ``softmax(z) - p``; fewer passes over the vocabulary than forming log q explicitly.
-    """
-    z = unembed(resid)
-    return torch.logsumexp(z, -1) - (final.p * z).sum(-1) + final.neg_entropy
+    """Per-token KL(final || lens) ``(token,)`` for residuals ``(token, d)``."""
+    return kl_from_logits(final.p, final.neg_entropy, unembed(resid))
 
 
 def _lens_inputs(

@@ -90,6 +90,15 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
+def kl_from_logits(p: torch.Tensor, neg_entropy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``KL(p || softmax(z))`` per row: ``sum p log p + logsumexp(z) - p . z``.
+
+    ``neg_entropy`` is ``sum p log p``, computed once per ``p``. One pass over the vocabulary
+    instead of forming ``log softmax(z)``; its gradient in z is ``softmax(z) - p``.
+    """
+    return neg_entropy + z.logsumexp(-1) - (p * z).sum(-1)
+
+
 class NextTokenDistribution:
     """The clean next-token distribution p of a token batch, for CE and KL(p || q) of patched runs.
 
@@ -126,9 +135,8 @@ class NextTokenDistribution:
         """``(batch, pos - 1)`` cross-entropy and KL(clean || patched) for patched ``logits``."""
         ce, kl = torch.empty_like(self.neg_entropy), torch.empty_like(self.neg_entropy)
         for rows, z in self._blocks(logits[:, :-1]):
-            lse = z.logsumexp(-1)
-            ce[rows] = lse - z.gather(-1, self.targets[rows]).squeeze(-1)
-            kl[rows] = self.neg_entropy[rows] + lse - (self.p[rows] * z).sum(-1)
+            ce[rows] = z.logsumexp(-1) - z.gather(-1, self.targets[rows]).squeeze(-1)
+            kl[rows] = kl_from_logits(self.p[rows], self.neg_entropy[rows], z)
         return ce.view(self.shape), kl.view(self.shape)
 
 

@@ -89,8 +89,8 @@ def cache_paths(params, out_dir: str | Path = ".") -> dict[str, Path]:
 
 
 def lens_path(params, out_dir: str | Path = ".") -> Path:
-    """Folder of the model's tuned lens (layout of the published lenses: lens/<model id>/)."""
-    return Path(out_dir) / params.lens.lens_dir / "lens" / params.base.model
+    """The pipeline's copy of the model's tuned lens (trained, or loaded by the lens stage)."""
+    return Path(out_dir) / params.base.cache_dir / "lens" / params.base.model
 
 
 def sweep_entry(params, run: str):
@@ -144,12 +144,17 @@ def train_config(params, run: str, layers: list[int] | None = None, lens_sha=Non
     )
 
 
-def test_documents(params) -> list[str]:
-    """The held-out documents of ``params``'s corpus split."""
-    from mlsae.data import load_corpus, split_documents
+def corpus_split(params):
+    """``(train, test)`` documents of ``params``'s corpus (streams for ``hf:`` corpora)."""
+    from mlsae.data import iter_corpus, split_corpus
 
-    docs = load_corpus(params.base.corpus)
-    return split_documents(docs, params.data.test_fraction, params.base.seed)[1]
+    docs = iter_corpus(params.base.corpus)
+    return split_corpus(docs, params.data.test_fraction, params.base.seed)
+
+
+def test_documents(params):
+    """The held-out documents of ``params``'s corpus split."""
+    return corpus_split(params)[1]
 
 
 def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):

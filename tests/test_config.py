@@ -101,3 +101,24 @@ def test_paper_preset_is_valid_for_pythia_70m():
     rs = sorted({r.expansion_factor for r in p.sweep.values() if r.k == 32})
     ks = sorted({r.k for r in p.sweep.values() if r.expansion_factor == 64})
     assert rs == [2.0**i for i in range(9)] and ks == [16, 32, 64, 128, 256, 512]
+
+
+def test_lens_requested_with_none_available_and_no_training(tmp_path):
+    raw = base()  # smollm2-135m has no published lens; the sweep has a lens run
+    raw["lens"] |= {"train": False, "lens_dir": str(tmp_path / "lenses")}
+    with pytest.raises(ConfigError, match=r"sweep.r8-k32-lens asks for a tuned lens.*smollm2-135m"):
+        config.from_dict(raw)
+    # a lens put in the folder, a model with a published lens, or training: all accepted
+    folder = tmp_path / "lenses" / "lens" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "params.pt").write_bytes(b"")
+    config.from_dict(raw)
+    raw["lens"]["lens_dir"] = str(tmp_path / "elsewhere")
+    raw["base"]["model"] = "EleutherAI/pythia-70m-deduped"
+    config.from_dict(raw)
+    raw["base"]["model"] = "EleutherAI/pythia-1b-deduped"  # no published lens for 1b
+    with pytest.raises(ConfigError, match="pythia-1b-deduped"):
+        config.from_dict(raw)
+    raw["lens"]["train"] = True
+    config.from_dict(raw)

@@ -70,3 +70,40 @@ def test_brown_corpus(brown):
     train, test = split_documents(brown, test_fraction=0.1, seed=0)
     assert len(test) == 50 and not set(train) & set(test)
     assert split_documents(brown, 0.1, seed=0)[1] == test
+
+
+def test_hash_split_is_disjoint_complete_seeded_and_order_free():
+    from mlsae.data import HashSplit, split_corpus
+
+    docs = [f"document number {i}" for i in range(2000)]
+
+    class Stream:  # re-iterable, not a list: split_corpus must not materialise it
+        def __iter__(self):
+            return iter(docs)
+
+    train, test = split_corpus(Stream(), test_fraction=0.1, seed=3)
+    assert isinstance(test, HashSplit)
+    tr, te = list(train), list(test)
+    assert sorted(tr + te) == sorted(docs) and not set(tr) & set(te)
+    assert 150 < len(te) < 250  # ~10%
+    assert list(test) == te  # every pass gives the same documents
+    assert set(HashSplit(list(reversed(docs)), 0.1, 3, "test")) == set(te)  # order does not matter
+    assert set(HashSplit(docs, 0.1, 4, "test")) != set(te)  # the seed does
+
+
+def test_hf_corpus_is_streamed_not_loaded(monkeypatch):
+    import datasets
+
+    from mlsae.data import iter_corpus
+
+    calls = []
+
+    def fake_load(name, split, streaming=False):
+        calls.append((name, split, streaming))
+        return ({"text": f"doc {i}"} for i in range(10**9))  # endless: must not be listed
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    docs = iter_corpus("hf:some/dataset:validation")
+    assert calls == []  # nothing read until iterated
+    assert next(iter(docs)) == "doc 0" and calls == [("some/dataset", "validation", True)]
+    assert load_corpus("hf:some/dataset", max_documents=3) == ["doc 0", "doc 1", "doc 2"]

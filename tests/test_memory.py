@@ -53,3 +53,35 @@ def test_streaming_over_a_large_cache_keeps_memory_bounded(tmp_path):
     growth = (after_kb - before_kb) * 1024
     # the whole cache would be 320 MB (640 MB as float32); growth stays a few shards' worth
     assert growth < 120e6, f"peak RSS grew by {growth / 1e6:.0f} MB"
+
+
+SPLIT_SCRIPT = r"""
+import resource
+from mlsae.data import HashSplit
+
+class Corpus:  # 400k documents of ~1 KB made on the fly: 400 MB of text that never exists at once
+    def __iter__(self):
+        return (f"{i} " + "lorem ipsum dolor sit amet " * 38 for i in range(400_000))
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n_test = n_chars = 0
+for part in ("train", "test"):
+    for doc in HashSplit(Corpus(), 0.01, 0, part):
+        n_chars += len(doc)
+        n_test += part == "test"
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(n_test, n_chars, before, after)
+"""
+
+
+def test_splitting_a_streamed_corpus_keeps_memory_bounded():
+    out = subprocess.run(
+        [sys.executable, "-c", SPLIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    n_test, n_chars, before_kb, after_kb = map(int, out.stdout.split())
+    assert n_chars > 400e6 and 3000 < n_test < 5000  # the whole corpus, ~1% of it held out
+    assert (after_kb - before_kb) * 1024 < 20e6, f"peak RSS grew by {after_kb - before_kb} kB"

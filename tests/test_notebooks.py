@@ -96,7 +96,7 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
     assert {"table1.csv", "table1.md"} <= figures
     run = json.loads((tmp_path / "results" / "runs" / "r2-k4-lens.json").read_text())
     assert run["space"] == "lens" and len(run["per_layer"]["fvu_raw"]) == 2
-    assert (tmp_path / "cache" / "lens" / "lens" / "tiny-random-llama" / "params.pt").exists()
+    assert (tmp_path / "cache" / "lens" / "tiny-random-llama" / "params.pt").exists()
     baselines = json.loads((tmp_path / "results" / "baselines.json").read_text())
     assert len(baselines["fvu"]) == 3 and len(baselines["fvu"][0]) == 2
     sweeps = json.loads((tmp_path / "results" / "sweeps.json").read_text())
