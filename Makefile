@@ -45,7 +45,7 @@ repro: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 bench: setup
-	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py --quality
 
 clean-venv:
 	rm -rf $(VENV)
