@@ -280,17 +280,24 @@ def train(
             tokens_seen += step_tokens
             step += 1
             bar.update(step_tokens)
-            if log is not None and (step % cfg.log_every == 0 or tokens_seen >= budget):
+            if step % cfg.log_every == 0 or tokens_seen >= budget:  # the same steps on every rank
+                # the step's mean over its micro-batches and, under DDP, over the ranks
+                means = torch.tensor([sum(fvus), sum(auxks)], dtype=torch.float64) / len(fvus)
+                if world > 1:
+                    means = means.to(cfg.device)
+                    torch.distributed.all_reduce(means)
+                    means = means.cpu() / world
                 row = {
                     "step": step,
                     "tokens": tokens_seen,
-                    "fvu": sum(fvus) / len(fvus),
-                    "auxk": sum(auxks) / len(auxks),
+                    "fvu": means[0].item(),
+                    "auxk": means[1].item(),
                     "dead_fraction": sae.dead_fraction(),
                     "seconds": round(time.time() - t0, 2),
                 }
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
                 bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}")
             if next_ckpt is not None and tokens_seen >= next_ckpt:
                 if rank == 0:

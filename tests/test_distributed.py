@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_cache, write_train_params
 
-from mlsae.train import load_checkpoint
+from mlsae.train import load_checkpoint, read_log
 
 
 def write_params(path: Path, cache_root: Path, grad_accum: int) -> Path:
@@ -69,3 +70,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(b["sae"][name], value, rtol=1e-5, atol=1e-5, msg=name)
     # the dead-latent counters were reduced across ranks, not kept per rank
     assert torch.equal(a["sae"]["tokens_since_fired"], b["sae"]["tokens_since_fired"])
+    # so were the logged metrics: each row is the mean over the step's batches on both ranks
+    rows_a, rows_b = (read_log(tmp_path / d) for d in ("single", "ddp"))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] and rows_a
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert rb["fvu"] == pytest.approx(ra["fvu"], rel=1e-5)
+        assert rb["auxk"] == pytest.approx(ra["auxk"], rel=1e-5, abs=1e-9)
