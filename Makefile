@@ -42,7 +42,7 @@ format: setup
 	$(BIN)/ruff check --fix mlsae tests benchmarks
 
 repro: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(DVC_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py --quality
