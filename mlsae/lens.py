@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mlsae.activations import take_tokens
 from mlsae.metrics import kl_from_logits
 
 logger = logging.getLogger(__name__)
@@ -317,15 +318,13 @@ def lens_kl_per_layer(model: HookedTransformer, lens: TunedLens | None, cache, m
     unembed = Unembedder(model, out_dtype=torch.float64)
     total = torch.zeros(n_layers, dtype=torch.float64)
     seen = 0
-    for batch in cache.iter_batches(512):
-        batch = batch[:, : max_tokens - seen].to(model.cfg.device)
+    for batch in take_tokens(cache.iter_batches(512), max_tokens):
+        batch = batch.to(model.cfg.device)
         final = FinalDistribution(_lens_logprobs(unembed, batch[-1]))
         for layer in range(n_layers):
             h = batch[layer] if lens is None else lens.transform(batch[layer], layer)
             total[layer] += kl_from_final(unembed, final, h).double().sum().cpu()
         seen += batch.shape[1]
-        if seen >= max_tokens:
-            break
     return (total / seen).tolist()
 
 

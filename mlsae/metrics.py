@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import residual_stream, special_mask
+from mlsae.activations import residual_stream, special_mask, take_tokens
 from mlsae.models import special_token_ids
 from mlsae.sae import MLSAE
 
@@ -77,17 +77,6 @@ class ReconstructionStats:
             "l1": (self.l1 / self.n).tolist(),
             "inactive_fraction": (1 - self.fired.double().mean(-1)).tolist(),
         }
-
-
-def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """``(batch, pos - 1, vocab)`` float64 log-probabilities of the next token."""
-    return logits[:, :-1].double().log_softmax(-1)
-
-
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``(batch, pos - 1)`` cross-entropy of predicting ``tokens[:, 1:]``."""
-    logp = next_token_logprobs(logits)
-    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
 def kl_from_logits(p: torch.Tensor, neg_entropy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -314,14 +303,8 @@ def residual_drift(cache, max_tokens: int) -> dict[str, list[float]]:
     token's two vectors, raw and after subtracting each layer's mean vector; and per layer the mean
     L2 norm. Computed over the first ``max_tokens`` tokens of ``cache``.
     """
-    batches = []
-    seen = 0
-    for batch in cache.iter_batches(1024):
-        batches.append(batch[:, : max_tokens - seen].double())
-        seen += batches[-1].shape[1]
-        if seen >= max_tokens:
-            break
-    x = torch.cat(batches, dim=1)  # (layer, token, d)
+    batches = take_tokens(cache.iter_batches(1024), max_tokens)
+    x = torch.cat([b.double() for b in batches], dim=1)  # (layer, token, d)
     centred = x - x.mean(dim=1, keepdim=True)
     cos = F.cosine_similarity(x[:-1], x[1:], dim=-1).mean(-1)
     cos_c = F.cosine_similarity(centred[:-1], centred[1:], dim=-1).mean(-1)

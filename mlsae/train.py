@@ -242,7 +242,7 @@ def train(
         while tokens_seen + step_tokens <= budget:
             opt.zero_grad(set_to_none=True)
             fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=cfg.device)
-            fvus, auxks = [], []
+            losses = torch.zeros(2, device=cfg.device)  # summed FVU and AuxK of the micro-batches
             for a in range(cfg.grad_accum):
                 x = next(micro, None)
                 if x is None or x.shape[1] < cfg.batch_tokens:
@@ -267,8 +267,7 @@ def train(
                         )
                     (out.loss / cfg.grad_accum).backward()
                 fired |= sae.fired_mask(out.indices, out.values)
-                fvus.append(out.fvu.item())
-                auxks.append(out.auxk_loss.item())
+                losses += torch.stack([out.fvu.detach(), out.auxk_loss.detach()])
             if world > 1:  # a latent fired if it fired on any rank
                 fired_int = fired.int()
                 torch.distributed.all_reduce(fired_int, op=torch.distributed.ReduceOp.MAX)
@@ -282,11 +281,9 @@ def train(
             bar.update(step_tokens)
             if step % cfg.log_every == 0 or tokens_seen >= budget:  # the same steps on every rank
                 # the step's mean over its micro-batches and, under DDP, over the ranks
-                means = torch.tensor([sum(fvus), sum(auxks)], dtype=torch.float64) / len(fvus)
                 if world > 1:
-                    means = means.to(cfg.device)
-                    torch.distributed.all_reduce(means)
-                    means = means.cpu() / world
+                    torch.distributed.all_reduce(losses)
+                means = losses.double().cpu() / (cfg.grad_accum * world)
                 row = {
                     "step": step,
                     "tokens": tokens_seen,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mlsae.activations import residual_stream
-from mlsae.metrics import ReconstructionStats, delta_ce_kl, evaluate, mmcs, next_token_ce
+from mlsae.metrics import ReconstructionStats, delta_ce_kl, evaluate, mmcs
 from mlsae.sae import MLSAE
 
 
@@ -29,6 +29,12 @@ def test_mmcs_hand_computed():
     # self-comparison excludes self-pairs and looks at every other latent, both directions
     c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert mmcs(c) == pytest.approx(2**-0.5)
+
+
+def next_token_ce(logits, tokens):
+    """Reference: the cross-entropy of predicting ``tokens[:, 1:]`` by an explicit log-softmax."""
+    logp = logits[:, :-1].double().log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
 def _naive_patched_ce(model, tokens, layer, replace):
