@@ -5,9 +5,10 @@ block's output taken before the final norm; the embeddings are excluded (paper, 
 Positions holding special tokens (BOS at each context start, EOS between documents, PAD) are
 masked out of SAE data, as in the original code.
 
-The disk cache stores chunks of shape ``(layer, token, d_model)`` in float16 ``.npy`` shards, read
-back memory-mapped, so residuals are computed once per (model, corpus, token budget) and reused by
-every sweep run and the single-layer baselines.
+The disk cache stores the contexts it was built from (``contexts.npy``, special positions
+included: delta CE runs the model on them) and their residuals as float16 ``.npy`` shards of
+shape ``(layer, token, d_model)``, read back memory-mapped, so residuals are computed once per
+(model, corpus, token budget) and reused by every sweep run and the single-layer baselines.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mlsae.data import token_batches
+from mlsae.data import Context, token_batches
 from mlsae.models import special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -37,17 +38,21 @@ def resid_hook_names(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def residual_stream(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Residual vectors of every block's output.
+def residual_stream(
+    model: HookedTransformer, tokens: torch.Tensor, layers: list[int] | None = None
+) -> torch.Tensor:
+    """Residual vectors of every block's output (or of ``layers``).
 
     Args:
         model: the language model.
         tokens: ``(batch, pos)`` token ids.
+        layers: blocks whose output to return (None: all); the forward stops after the last.
 
     Returns:
         ``(layer, batch, pos, d_model)``; the model stops before the final norm and unembedding.
     """
-    names = resid_hook_names(model.cfg.n_layers)
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = [f"blocks.{layer}.hook_resid_post" for layer in layers]
     stored: dict[str, torch.Tensor] = {}
 
     def store(act: torch.Tensor, hook) -> None:
@@ -55,10 +60,23 @@ def residual_stream(model: HookedTransformer, tokens: torch.Tensor) -> torch.Ten
 
     model.run_with_hooks(
         tokens.to(model.cfg.device),
-        fwd_hooks=[(name, store) for name in names],
-        stop_at_layer=model.cfg.n_layers,
+        fwd_hooks=[(name, store) for name in set(names)],
+        stop_at_layer=max(layers) + 1,
     )
     return torch.stack([stored[name] for name in names])
+
+
+def to_float16(acts: torch.Tensor, where: str) -> torch.Tensor:
+    """``acts`` as float16, or a clear error when they hold NaN/inf or exceed its range."""
+    if not torch.isfinite(acts).all():
+        raise ValueError(f"Non-finite residuals in {where}.")
+    half = acts.to(torch.float16)
+    if not torch.isfinite(half).all():
+        raise ValueError(
+            f"Residuals in {where} exceed the float16 range (max |x| = "
+            f"{acts.abs().max().item():.3g})."
+        )
+    return half
 
 
 def special_mask(tokens: torch.Tensor, special_ids: Iterable[int]) -> torch.Tensor:
@@ -114,6 +132,12 @@ class ActivationCache:
         if not meta_file.exists():
             raise FileNotFoundError(f"No activation cache at {self.path} (missing meta.json).")
         self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("source") == "stream":
+            raise FileNotFoundError(
+                f"{self.path} holds no activation cache: it was prepared for train.source: stream "
+                "(residuals computed during training). Set train.source: cache and re-run the "
+                "cache stage (dvc repro build_cache) to build one."
+            )
         self.shards: list[str] = self.meta["shards"]
         self.n_layers: int = self.meta["n_layers"]
         self.d_model: int = self.meta["d_model"]
@@ -124,42 +148,56 @@ class ActivationCache:
         cls,
         path: str | Path,
         model: HookedTransformer,
-        docs: Iterable[str],
-        context_length: int,
+        contexts: Iterable[Context],
         batch_size: int,
-        max_tokens: int,
         meta: dict | None = None,
         progress: bool = True,
+        labels: list[str] | None = None,
     ) -> ActivationCache:
-        """Compute residuals over ``docs`` and write them as one shard per batch of contexts."""
+        """Compute residuals of ``contexts`` and write one shard per batch of contexts.
+
+        Each shard keeps the token ids and the document index of every kept token; with
+        ``labels`` (one per document index), ``meta.json`` records the tokens per label (for
+        Brown: tokens per genre).
+        """
         path = Path(path)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shards, n_tokens = [], 0
-        chunks = iter_residuals(model, docs, context_length, batch_size, max_tokens, progress)
-        for i, chunk in enumerate(chunks):
-            if not torch.isfinite(chunk.acts).all():
-                raise ValueError(f"Non-finite residuals in batch {i} while building {path}.")
-            acts = chunk.acts.cpu().numpy().astype(np.float16)
-            if not np.isfinite(acts).all():
-                raise ValueError(
-                    f"Residuals in batch {i} exceed the float16 range (max |x| = "
-                    f"{chunk.acts.abs().max().item():.3g}) while building {path}."
-                )
-            name = f"shard_{i:05d}"
-            np.save(tmp / f"{name}.npy", acts)
-            np.save(tmp / f"{name}.tokens.npy", chunk.token_ids.cpu().numpy().astype(np.int32))
+        shards, n_tokens, per_label = [], 0, {}
+        contexts = list(contexts)
+        specials = special_token_ids(model)
+        bar = tqdm(total=len(contexts), unit="ctx", desc=f"cache {path.name}", disable=not progress)
+        for i in range(0, len(contexts), batch_size):
+            batch = contexts[i : i + batch_size]
+            tokens = torch.stack([c.tokens for c in batch])
+            keep = ~special_mask(tokens, specials)
+            resid = residual_stream(model, tokens)[:, keep.to(model.cfg.device)]
+            acts = to_float16(resid, f"batch {i // batch_size} while building {path}")
+            docs = torch.stack([c.docs for c in batch])[keep].numpy().astype(np.int32)
+            name = f"shard_{i // batch_size:05d}"
+            np.save(tmp / f"{name}.npy", acts.cpu().numpy())
+            np.save(tmp / f"{name}.tokens.npy", tokens[keep].numpy().astype(np.int32))
+            np.save(tmp / f"{name}.docs.npy", docs)
+            if labels is not None:
+                for doc, count in zip(*np.unique(docs, return_counts=True), strict=True):
+                    per_label[labels[doc]] = per_label.get(labels[doc], 0) + int(count)
             shards.append(name)
             n_tokens += acts.shape[1]
+            bar.update(len(batch))
+        bar.close()
         info = {
             "shards": shards,
             "n_layers": model.cfg.n_layers,
             "d_model": model.cfg.d_model,
             "n_tokens": n_tokens,
-            "context_length": context_length,
+            "n_contexts": len(contexts),
+            "n_documents": len({int(d) for c in contexts for d in c.docs.unique()}),
+            **({"tokens_per_label": dict(sorted(per_label.items()))} if labels else {}),
             **(meta or {}),
         }
+        tokens = torch.stack([c.tokens for c in contexts]) if contexts else torch.zeros(0, 0)
+        np.save(tmp / "contexts.npy", tokens.numpy().astype(np.int32))
         (tmp / "meta.json").write_text(json.dumps(info, indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -173,44 +211,25 @@ class ActivationCache:
         """Shard ``i`` as a memory-mapped float16 array ``(layer, token, d_model)``."""
         return np.load(self.path / f"{self.shards[i]}.npy", mmap_mode="r")
 
+    def contexts(self) -> torch.Tensor:
+        """``(context, context_length)`` token ids of the contexts the cache was built from."""
+        return torch.from_numpy(np.load(self.path / "contexts.npy").astype(np.int64))
+
     def tokens(self, i: int) -> np.ndarray:
         """Token ids ``(token,)`` of shard ``i``."""
         return np.load(self.path / f"{self.shards[i]}.tokens.npy")
 
     def iter_batches(
-        self,
-        batch_tokens: int,
-        layers: list[int] | None = None,
-        dtype: torch.dtype = torch.float32,
-        start_token: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        self, batch_tokens: int, layers: list[int] | None = None, dtype: torch.dtype = torch.float32
     ) -> Iterator[torch.Tensor]:
-        """Yield ``(layer, batch_tokens, d_model)`` batches in corpus order (last may be short).
+        """Yield ``(layer, batch_tokens, d_model)`` batches in cache order (last may be short).
 
-        ``start_token`` skips tokens already consumed (resume); ``rank``/``world_size`` give each
-        data-parallel process every ``world_size``-th batch.
+        Training reads the cache through `mlsae.sources` (shuffle blocks, resume, ranks).
         """
-        buffer: list[np.ndarray] = []
-        held, index, seen = 0, 0, 0
-        for i in range(len(self)):
-            arr = self.shard(i)
-            n = arr.shape[1]
-            if seen + n <= start_token:
-                seen += n
-                continue
-            lo = max(0, start_token - seen)
-            seen += n
-            arr = arr if layers is None else arr[layers]
-            buffer.append(arr[:, lo:])
-            held += n - lo
-            while held >= batch_tokens:
-                batch, buffer, held = _take(buffer, batch_tokens, held)
-                if index % world_size == rank:
-                    yield torch.from_numpy(batch).to(dtype)
-                index += 1
-        if held and index % world_size == rank:
-            yield torch.from_numpy(np.concatenate(buffer, axis=1)).to(dtype)
+        from mlsae.sources import CacheSource, shuffled_batches
+
+        chunks = CacheSource(self, layers).chunks()
+        return shuffled_batches(chunks, batch_tokens, 0, dtype=dtype)
 
 
 def take_tokens(batches: Iterable[torch.Tensor], max_tokens: int) -> Iterator[torch.Tensor]:
@@ -222,20 +241,3 @@ def take_tokens(batches: Iterable[torch.Tensor], max_tokens: int) -> Iterator[to
         batch = batch[:, : max_tokens - seen]
         seen += batch.shape[1]
         yield batch
-
-
-def _take(buffer: list[np.ndarray], n: int, held: int) -> tuple[np.ndarray, list[np.ndarray], int]:
-    """Pop the first ``n`` tokens (axis 1) of a list of arrays."""
-    out, got = [], 0
-    while got < n:
-        arr = buffer[0]
-        need = n - got
-        if arr.shape[1] <= need:
-            out.append(arr)
-            got += arr.shape[1]
-            buffer.pop(0)
-        else:
-            out.append(arr[:, :need])
-            buffer[0] = arr[:, need:]
-            got = n
-    return np.concatenate(out, axis=1), buffer, held - n

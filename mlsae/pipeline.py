@@ -13,43 +13,134 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from mlsae.activations import ActivationCache, take_tokens
-from mlsae.data import token_batches
 from mlsae.metrics import evaluate
 from mlsae.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
 
-def get_cache(
-    path: str | Path,
-    model: HookedTransformer,
-    docs: list[str],
-    context_length: int,
-    batch_size: int,
-    max_tokens: int,
-    meta: dict,
-) -> ActivationCache:
-    """Open the activation cache at ``path`` if it was built with ``meta``, else build it."""
-    path = Path(path)
-    wanted = {**meta, "context_length": context_length, "max_tokens": max_tokens}
-    if (path / "meta.json").exists():
-        cache = ActivationCache(path)
-        if all(cache.meta.get(k) == v for k, v in wanted.items()):
-            return cache
-        logger.info("Rebuilding %s: its metadata differs from %s", path, wanted)
-    return ActivationCache.build(
-        path, model, docs, context_length, batch_size, max_tokens, meta=wanted
-    )
+def build_caches(params, model: HookedTransformer, out_dir: str | Path = ".") -> dict:
+    """Stage 01: the test cache, and the training cache when ``train.source`` is ``cache``.
+
+    Each cache holds contexts sampled across every document of its split
+    (`mlsae.data.sample_contexts`), in random order. For ``train.source: stream`` the training
+    folder gets only a ``meta.json`` saying so (training then runs the model itself). A cache
+    whose ``meta.json`` matches the settings is kept. Returns ``{split: meta}``.
+    """
+    from mlsae.data import sample_contexts
+
+    train_docs, test_docs = corpus_split(params)
+    labels = split_labels(params)
+    meta = {
+        "model": params.base.model,
+        "corpus": params.base.corpus,
+        "seed": params.base.seed,
+        "test_fraction": params.data.test_fraction,
+        "context_length": params.data.context_length,
+    }
+    wanted = {
+        "test": meta | {"split": "test", "max_tokens": params.data.test_tokens},
+        "train": meta | {"split": "train", "max_tokens": params.data.train_tokens},
+    }
+    paths, out = cache_paths(params, out_dir), {}
+    for split, docs in (("test", test_docs), ("train", train_docs)):
+        path = paths[split]
+        if split == "train" and params.train.source == "stream":
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "meta.json").write_text(json.dumps({"source": "stream", **wanted[split]}))
+            out[split] = {"source": "stream", **wanted[split]}
+            continue
+        if (path / "meta.json").exists():
+            old = json.loads((path / "meta.json").read_text())
+            if all(old.get(k) == v for k, v in wanted[split].items()):
+                out[split] = old
+                continue
+            logger.info("Rebuilding %s: its metadata differs from %s", path, wanted[split])
+        n_contexts = max(1, wanted[split]["max_tokens"] // params.data.context_length)
+        contexts = sample_contexts(
+            docs,
+            model.tokenizer,
+            params.data.context_length,
+            n_contexts,
+            params.base.seed + (split == "test"),
+            params.data.shuffle_documents,
+        )
+        cache = ActivationCache.build(
+            path,
+            model,
+            contexts,
+            params.data.batch_contexts,
+            meta=wanted[split],
+            labels=labels[split],
+        )
+        out[split] = cache.meta
+    return out
+
+
+def split_labels(params) -> dict[str, list[str] | None]:
+    """Per-document labels (Brown: genre) of the train and test splits, in split order."""
+    from mlsae.data import document_labels, split_indices
+
+    labels = document_labels(params.base.corpus)
+    if labels is None:
+        return {"train": None, "test": None}
+    train, test = split_indices(len(labels), params.data.test_fraction, params.base.seed)
+    return {"train": [labels[i] for i in train], "test": [labels[i] for i in test]}
+
+
+def training_source(
+    params,
+    out_dir: str | Path = ".",
+    model: HookedTransformer | None = None,
+    layers: list[int] | None = None,
+    device: str | None = None,
+):
+    """The `mlsae.sources.TrainingSource` that ``train.source`` names (``layers``: None = all).
+
+    ``cache``: the training cache of stage 01 (a clear `ConfigError` when there is none).
+    ``stream``: the model run on the training documents (loaded here unless given).
+    """
+    from mlsae.config import ConfigError
+    from mlsae.sources import CacheSource, ModelStream, TrainingSource
+
+    if params.train.source == "cache":
+        path = cache_paths(params, out_dir)["train"]
+        meta = path / "meta.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("source") == "stream":
+            raise ConfigError(
+                f"train.source is 'cache' but there is no training cache at {path}: build it "
+                "with the cache stage (dvc repro build_cache, notebooks/01_build_cache.ipynb) "
+                "or set train.source: stream."
+            )
+        chunks = CacheSource(ActivationCache(path), layers)
+    else:
+        import torch
+
+        from mlsae.models import load_model
+
+        if model is None:
+            model = load_model(params.base.model, device=device or params.base.device)
+        autocast = params.train.stream_autocast
+        on_gpu = str(model.cfg.device).startswith("cuda")
+        chunks = ModelStream(
+            model,
+            corpus_split(params)[0],
+            params.data.context_length,
+            params.data.batch_contexts,
+            layers=layers,
+            seed=params.base.seed,
+            doc_buffer=params.data.shuffle_documents,
+            autocast=getattr(torch, autocast) if on_gpu and autocast != "none" else None,
+        )
+    return TrainingSource(chunks, params.train.shuffle_tokens, params.base.seed)
 
 
 def train_and_evaluate(
     cfg: TrainConfig,
-    cache: ActivationCache,
+    source,
     test_cache: ActivationCache,
     run_dir: str | Path,
     model: HookedTransformer,
-    test_docs: list[str],
-    context_length: int,
     eval_batch_size: int,
     eval_tokens: int,
     ce_contexts: int,
@@ -58,25 +149,27 @@ def train_and_evaluate(
 ) -> dict:
     """Train (or resume) a run, evaluate it on held-out data, write ``run_dir/metrics.json``.
 
-    FVU, L0 and L1 come from the first ``eval_tokens`` tokens of the test cache (no model
-    forward); delta CE and KL from the first ``ce_contexts`` contexts of ``test_docs``, run through
-    the model in batches of ``eval_batch_size``.
+    ``source`` is a `mlsae.sources.TrainingSource` or an `ActivationCache`. FVU, L0 and L1 come
+    from the first ``eval_tokens`` tokens of the test cache (no model forward); delta CE and KL
+    from the first ``ce_contexts`` contexts the test cache was built from, run through the model
+    in batches of ``eval_batch_size``.
     The latent statistics of the same pass (counts and summed activations per layer and latent)
     go to ``run_dir/latent_stats.pt`` for the latent analyses.
     """
     from mlsae.latents import LayerStats
+    from mlsae.train import load_checkpoint
 
     run_dir = Path(run_dir)
-    sae = train(cfg, cache, run_dir, lens=lens, progress=progress)
+    sae = train(cfg, source, run_dir, lens=lens, progress=progress)
     layers = cfg.layers or list(range(test_cache.n_layers))
     vectors = take_tokens(test_cache.iter_batches(1024, layers=cfg.layers), eval_tokens)
-    ce_tokens = ce_contexts * context_length
-    batches = token_batches(test_docs, model.tokenizer, context_length, eval_batch_size, ce_tokens)
+    batches = test_cache.contexts()[:ce_contexts].split(eval_batch_size)
     latent_stats = LayerStats(len(layers), sae.n_latents)
     result = evaluate(
         sae, model, batches, lens, None, layers, vectors=vectors, latent_stats=latent_stats
     )
     result["config"] = {k: v for k, v in vars(cfg).items() if k != "extra"} | cfg.extra
+    result["tokens_trained"] = load_checkpoint(run_dir / "checkpoint.pt")["tokens_seen"]
     latent_stats.save(run_dir / "latent_stats.pt")
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
@@ -130,6 +223,7 @@ def train_config(params, run: str, layers: list[int] | None = None, lens_sha=Non
         batch_tokens=params.train.batch_tokens,
         grad_accum=params.train.grad_accum,
         max_tokens=entry.train_tokens or params.data.train_tokens,
+        shuffle_tokens=params.train.shuffle_tokens,
         layers=layers,
         seed=params.base.seed,
         checkpoint_every=params.train.checkpoint_tokens,
@@ -152,11 +246,6 @@ def corpus_split(params):
     return split_corpus(docs, params.data.test_fraction, params.base.seed)
 
 
-def test_documents(params):
-    """The held-out documents of ``params``'s corpus split."""
-    return corpus_split(params)[1]
-
-
 def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):
     """Train and evaluate sweep entry ``run``; write ``results/runs/<run>.json``."""
     out_dir = Path(out_dir)
@@ -166,12 +255,10 @@ def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | P
     paths = cache_paths(params, out_dir)
     result = train_and_evaluate(
         cfg,
-        ActivationCache(paths["train"]),
+        training_source(params, out_dir, model),
         ActivationCache(paths["test"]),
         run_dir,
         model,
-        test_documents(params),
-        context_length=params.data.context_length,
         eval_batch_size=params.data.batch_contexts,
         eval_tokens=params.eval.eval_tokens,
         ce_contexts=params.eval.ce_contexts,
@@ -261,22 +348,16 @@ def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -
     out_dir, run = Path(out_dir), params.analysis.baseline_run
     layers = list(params.analysis.baseline_layers)
     paths = cache_paths(params, out_dir)
-    train_cache = ActivationCache(paths["train"])
     runs_dir = out_dir / params.base.cache_dir / "runs"
     saes = {}
     for layer in layers:
         cfg = train_config(params, run, layers=[layer])
-        saes[layer] = train(cfg, train_cache, runs_dir / f"single-{run}-l{layer}").eval()
+        source = training_source(params, out_dir, model, layers=[layer])
+        saes[layer] = train(cfg, source, runs_dir / f"single-{run}-l{layer}").eval()
     saes["mlsae"] = load_sae(runs_dir / run / "checkpoint.pt", params.base.device).eval()
-    fvu = fvu_matrix(saes, ActivationCache(paths["test"]), layers, params.eval.eval_tokens)
-    tokens = next(
-        token_batches(
-            test_documents(params),
-            model.tokenizer,
-            params.data.context_length,
-            params.analysis.baseline_ce_contexts,
-        )
-    )
+    test_cache = ActivationCache(paths["test"])
+    fvu = fvu_matrix(saes, test_cache, layers, params.eval.eval_tokens)
+    tokens = test_cache.contexts()[: params.analysis.baseline_ce_contexts]
     d_ce, kl = delta_ce_matrix(saes, model, tokens, layers)
     result = {
         "layers": layers,
@@ -286,7 +367,7 @@ def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -
         "delta_ce": d_ce.tolist(),
         "kl": kl.tolist(),
         "n_fvu_tokens": min(params.eval.eval_tokens, ActivationCache(paths["test"]).n_tokens),
-        "n_ce_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1)),
+        "n_ce_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1)),  # predictions made
         "model": params.base.model,
         "corpus": params.base.corpus,
     }

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mlsae.activations import ActivationCache
 from mlsae.sae import MLSAE
+from mlsae.sources import CacheSource, TrainingSource, block_size
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class TrainConfig:
     batch_tokens: int = 256
     """Tokens per optimizer step; each contributes one vector per trained layer."""
     max_tokens: int | None = None
-    """Training budget in tokens (None: one pass over the cache)."""
+    """Training budget in tokens (None: one pass over the source)."""
+    shuffle_tokens: int = 0
+    """Token shuffle block (`mlsae.sources.shuffled_batches`); 0: read in stream order."""
     layers: list[int] | None = None
     """Layers to train on (None: all, the MLSAE; one layer: a single-layer baseline)."""
     seed: int = 0
@@ -80,6 +83,7 @@ class TrainConfig:
             raise ValueError(f"k must be positive, got {self.k}.")
         if self.grad_accum <= 0:
             raise ValueError(f"grad_accum must be positive, got {self.grad_accum}.")
+        block_size(self.batch_tokens, self.shuffle_tokens)  # a buffer smaller than a batch raises
 
 
 class NonFiniteError(RuntimeError):
@@ -153,31 +157,46 @@ def adam(params, lr: float, eps: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=fused)
 
 
+def as_source(data: ActivationCache | TrainingSource, cfg: TrainConfig) -> TrainingSource:
+    """A cache read through ``cfg``'s shuffle buffer (its ``layers`` only), or ``data`` as given.
+
+    A `TrainingSource` brings its own shuffle settings and layers (``cfg.layers`` must match).
+    """
+    if isinstance(data, ActivationCache):
+        return TrainingSource(CacheSource(data, cfg.layers), cfg.shuffle_tokens, cfg.seed)
+    return data
+
+
 def train(
     cfg: TrainConfig,
-    cache: ActivationCache,
+    data: ActivationCache | TrainingSource,
     run_dir: str | Path,
     lens=None,
     resume: bool = True,
     progress: bool = True,
 ) -> MLSAE:
-    """Train an SAE on cached residuals and return it.
+    """Train an SAE on residuals from a cache or a stream and return it.
 
     Args:
         cfg: hyperparameters.
-        cache: residuals ``(layer, token, d_model)`` on disk.
+        data: an `ActivationCache` (read through ``cfg.shuffle_tokens``), or a
+            `mlsae.sources.TrainingSource` (a cache or the model run on the fly).
         run_dir: folder for ``checkpoint.pt`` and ``log.jsonl``.
         lens: optional `mlsae.lens.TunedLens`; the SAE then learns lens-space vectors.
-        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists; the source is
+            regenerated at the checkpoint's position (`mlsae.sources.shuffled_batches`).
         progress: show a tqdm bar.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
-    layers = cfg.layers if cfg.layers is not None else list(range(cache.n_layers))
-    budget = cache.n_tokens if cfg.max_tokens is None else min(cfg.max_tokens, cache.n_tokens)
+    source = as_source(data, cfg)
+    layers = cfg.layers if cfg.layers is not None else list(range(source.n_layers))
+    if source.n_tokens is None and cfg.max_tokens is None:
+        raise ValueError("A stream has no length: set a token budget (TrainConfig.max_tokens).")
+    budget = min(t for t in (cfg.max_tokens, source.n_tokens) if t is not None)
 
-    sae = build_sae(cfg, cache.d_model).to(cfg.device)
+    sae = build_sae(cfg, source.d_model).to(cfg.device)
     opt = adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     tokens_seen, step = 0, 0
     prev_path = ckpt_path.with_name(ckpt_path.name + ".prev")
@@ -213,6 +232,7 @@ def train(
                 "layers": layers,
                 "tokens_seen": tokens_seen,
                 "step": step,
+                "budget": budget,
             },
         )
 
@@ -220,7 +240,7 @@ def train(
     step_tokens = cfg.batch_tokens * cfg.grad_accum * world
     if not bool(sae.b_pre_initialized):
         # Every rank initialises b_pre from the same first batch, so no broadcast is needed.
-        x0 = next(cache.iter_batches(cfg.batch_tokens, layers=layers)).to(cfg.device)
+        x0 = next(source.batches(cfg.batch_tokens)).to(cfg.device)  # rank 0's first batch
         if lens is not None:
             with torch.no_grad():
                 x0 = lens.transform_layers(x0, layers)
@@ -229,9 +249,7 @@ def train(
     if world > 1:
         # Buffers (dead-latent counters) are reduced by hand at each step, not broadcast.
         module = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
-    micro = cache.iter_batches(
-        cfg.batch_tokens, layers=layers, start_token=tokens_seen, rank=rank, world_size=world
-    )
+    micro = source.batches(cfg.batch_tokens, step * cfg.grad_accum, rank, world)
     next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
     show = progress and rank == 0
     bar = tqdm(total=budget, initial=tokens_seen, unit="tok", desc="train", disable=not show)
@@ -301,7 +319,14 @@ def train(
                     checkpoint()
                 next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
     except _EndOfData:
-        pass
+        if budget - tokens_seen >= step_tokens:  # more than the last, incomplete step is missing
+            logger.warning(
+                "The training data ended after %d tokens, before the budget of %d "
+                "(train_tokens): this run trained on %d tokens.",
+                tokens_seen,
+                budget,
+                tokens_seen,
+            )
     finally:
         if log is not None:
             log.close()
@@ -314,7 +339,7 @@ def train(
 
 
 class _EndOfData(Exception):
-    """The cache ran out before the budget: the last, incomplete step is dropped."""
+    """The source ran out before the budget: the last, incomplete step is dropped."""
 
 
 def dist_info() -> tuple[int, int]:
@@ -364,36 +389,3 @@ def init_distributed(device: str) -> str:
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return device
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Train one sweep entry of a params file: ``python -m mlsae.train r8-k32``.
-
-    Under ``torchrun --nproc_per_node N`` the run is data-parallel over N processes.
-    """
-    import argparse
-    from dataclasses import replace
-
-    from mlsae import config, pipeline
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file")
-    parser.add_argument("run", help="sweep entry to train (a key of `sweep` in the params file)")
-    parser.add_argument("--out", default=".", help="root of cache/ (as the pipeline lays it out)")
-    parser.add_argument("--run-dir", default=None, help="checkpoint folder (default: the run's)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    params = config.load(args.params)
-    device = init_distributed(params.base.device)
-    lens, lens_sha = pipeline.run_lens(params, args.run, args.out, device)
-    cfg = replace(pipeline.train_config(params, args.run, lens_sha=lens_sha), device=device)
-    cache = ActivationCache(pipeline.cache_paths(params, args.out)["train"])
-    run_dir = args.run_dir or Path(args.out) / params.base.cache_dir / "runs" / args.run
-    train(cfg, cache, run_dir, lens=lens, progress=not args.no_progress)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

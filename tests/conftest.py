@@ -131,8 +131,18 @@ def make_cache(path, n_tokens=2048, n_layers=3, d=16, shard=256, seed=0, nan_at=
     return ActivationCache(path)
 
 
+def build_cache(path, model, docs, context_length: int, batch_contexts: int):
+    """An `ActivationCache` of ``docs`` cut into contexts in corpus order."""
+    from mlsae.activations import ActivationCache
+    from mlsae.data import document_contexts, special_ids
+
+    bos, eos = special_ids(model.tokenizer)
+    contexts = document_contexts(docs, model.tokenizer, context_length, bos, eos)
+    return ActivationCache.build(path, model, contexts, batch_contexts, progress=False)
+
+
 def write_train_params(path, cache_root, run: str, r: int, k: int, tokens: int, **train):
-    """A params file for `python -m mlsae.train` over a cache at ``cache_root/activations/train``.
+    """A params file for `python -m mlsae train` over a cache at ``cache_root/activations/train``.
 
     One sweep entry ``run`` (R = ``r``, k = ``k``, no lens), ``tokens`` training tokens, fp32
     selection; ``train`` sets further `train` keys.
@@ -140,9 +150,83 @@ def write_train_params(path, cache_root, run: str, r: int, k: int, tokens: int, 
     params = {
         "base": {"cache_dir": str(cache_root), "device": "cpu"},
         "data": {"train_tokens": tokens},
-        "train": {"select_bf16": False, **train},
+        "train": {"select_bf16": False, "shuffle_tokens": 0, **train},
         "analysis": {"baseline_run": run},
         "sweep": {run: {"expansion_factor": r, "k": k, "lens": False}},
     }
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+PYTHIA = "EleutherAI/pythia-70m-deduped"
+
+
+def write_tiny_pythia(root, n_layers: int = 3, d_model: int = 32, seed: int = 0):
+    """A random GPT-NeoX (Pythia's architecture, hand-written config) in a hub-cache layout.
+
+    Saved as ``root/hub/models--EleutherAI--pythia-70m-deduped`` so that
+    `mlsae.models.load_model` loads it by the paper's model name with no network (see
+    `offline_hub_env`). Returns the HF model.
+    """
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * d_model,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    hf_model = GPTNeoXForCausalLM(config).eval()
+    rev = "0" * 40
+    repo = root / "hub" / f"models--{PYTHIA.replace('/', '--')}"
+    snapshot = repo / "snapshots" / rev
+    hf_model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    return hf_model
+
+
+def offline_hub_env(root) -> dict[str, str]:
+    """Environment variables that point Hugging Face at ``root``'s hub cache, offline."""
+    return {
+        "HF_HOME": str(root),
+        "HF_HUB_CACHE": str(root / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+@pytest.fixture
+def tiny_pythia(tmp_path, monkeypatch):
+    """`write_tiny_pythia` under ``tmp_path``, with this process pointed at it; yields the env."""
+    root = tmp_path / "hf"
+    hf_model = write_tiny_pythia(root)
+    env = offline_hub_env(root)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return hf_model, env
+
+
+def write_text_corpus(folder, n_docs: int = 40, words: int = 120, seed: int = 0):
+    """``n_docs`` text files of random sentences over the test vocabulary (``text:<folder>``)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = [w for w in WORDS if w not in ".,!?"]
+    for i in range(n_docs):
+        n = int(rng.integers(words // 2, 2 * words))
+        text = " ".join(rng.choice(vocab, n)) + " ."
+        (folder / f"doc{i:03d}.txt").write_text(text)
+    return folder

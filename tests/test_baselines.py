@@ -1,7 +1,8 @@
 import pytest
 import torch
+from conftest import build_cache
 
-from mlsae.activations import ActivationCache, residual_stream
+from mlsae.activations import residual_stream
 from mlsae.baselines import delta_ce_matrix, fvu_matrix
 from mlsae.metrics import delta_ce_kl
 from mlsae.sae import MLSAE
@@ -9,7 +10,7 @@ from mlsae.sae import MLSAE
 
 def test_matrices_match_direct_computation(tiny_model, tmp_path):
     docs = ["the cat sat on the mat and the dog went to the store", "a man gave a drink"] * 8
-    cache = ActivationCache.build(tmp_path / "c", tiny_model, docs, 16, 4, None, progress=False)
+    cache = build_cache(tmp_path / "c", tiny_model, docs, 16, 4)
     torch.manual_seed(0)
     saes = {0: MLSAE(32, 64, 4).eval(), 2: MLSAE(32, 64, 8).eval()}
     layers = [0, 2]

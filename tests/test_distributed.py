@@ -39,7 +39,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     make_cache(root / "activations" / "train", n_tokens=2048, n_layers=3, d=16)
     one = write_params(tmp_path / "one.yaml", root, grad_accum=2)
     two = write_params(tmp_path / "two.yaml", root, grad_accum=1)
-    base = [sys.executable, "-m", "mlsae.train", "r4-k4", "--no-progress"]
+    base = [sys.executable, "-m", "mlsae", "train", "r4-k4", "--no-progress"]
     run([*base, "--params", str(one), "--run-dir", str(tmp_path / "single")], tmp_path)
     torchrun = [
         sys.executable,
@@ -53,7 +53,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         [
             *torchrun,
             "-m",
-            "mlsae.train",
+            "mlsae",
+            "train",
             "r4-k4",
             "--no-progress",
             "--params",

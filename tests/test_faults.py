@@ -33,7 +33,8 @@ def command(params, run_dir):
     return [
         sys.executable,
         "-m",
-        "mlsae.train",
+        "mlsae",
+        "train",
         "r8-k8",
         "--params",
         str(params),

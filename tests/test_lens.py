@@ -1,7 +1,8 @@
 import pytest
 import torch
+from conftest import build_cache
 
-from mlsae.activations import ActivationCache, residual_stream
+from mlsae.activations import residual_stream
 from mlsae.lens import TunedLens, lens_kl_per_layer, random_lens, train_lens
 from mlsae.metrics import evaluate
 from mlsae.train import TrainConfig, train
@@ -86,7 +87,7 @@ def test_save_load_round_trip_and_missing_lens(tmp_path, monkeypatch):
 
 def _tiny_cache(model, path, docs_repeat=30):
     docs = ["the cat sat on the mat and the dog went to the store", "a man gave a drink to her"]
-    return ActivationCache.build(path, model, docs * docs_repeat, 16, 4, None, progress=False)
+    return build_cache(path, model, docs * docs_repeat, 16, 4)
 
 
 def test_trained_lens_beats_logit_lens_on_a_tiny_model(tiny_model, tmp_path):

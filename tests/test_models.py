@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -50,47 +49,9 @@ def test_smollm2_greedy_continuation_says_paris(smollm2):
     assert "Paris" in out.removeprefix("The capital of France is")
 
 
-def _write_hub_cache(root, repo_id, model, tokenizer):
-    """Lay a model out like the Hugging Face hub cache: refs/main -> snapshots/<rev>/."""
-    rev = "0" * 40
-    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / rev
-    model.save_pretrained(snapshot)
-    tokenizer.save_pretrained(snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    return snapshot
-
-
-def test_pythia_loads_by_hub_name_offline(tmp_path, monkeypatch, tokenizer):
+def test_pythia_loads_by_hub_name_offline(tiny_pythia):
     """A random GPT-NeoX saved in a hub-cache layout loads by its hub name with no network."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    hf_model = GPTNeoXForCausalLM(config).eval()
-    snapshot = _write_hub_cache(tmp_path, "EleutherAI/pythia-70m-deduped", hf_model, tokenizer)
-    assert json.loads((snapshot / "config.json").read_text())["model_type"] == "gpt_neox"
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-
+    hf_model, _ = tiny_pythia
     model = load_model("EleutherAI/pythia-70m-deduped")
     assert model.cfg.n_layers == 3 and model.cfg.d_model == 32
     tokens = torch.tensor([[1, 5, 9, 12, 7, 30, 2]])

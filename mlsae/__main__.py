@@ -1,0 +1,5 @@
+"""``python -m mlsae``: see `mlsae.cli`."""
+
+from mlsae.cli import main
+
+main()
