@@ -77,6 +77,36 @@ def build_caches(params, model: HookedTransformer, out_dir: str | Path = ".") ->
     return out
 
 
+def write_data_mix(metas: dict, path: str | Path):
+    """Tokens per document label (Brown: genre) in each cache, as a table; saved as JSON.
+
+    ``metas`` is `build_caches`'s result. A split without labels (a stream, an ``hf:`` corpus)
+    has an empty column.
+    """
+    import pandas as pd
+
+    counts = {split: meta.get("tokens_per_label", {}) for split, meta in metas.items()}
+    table = pd.DataFrame(counts).fillna(0).astype(int).sort_index()
+    table.index.name = "label"
+    for split in counts:
+        total = table[split].sum()
+        table[f"{split} share"] = (table[split] / total).round(4) if total else 0.0
+    summary = {
+        split: {
+            "tokens": meta.get("n_tokens", 0),
+            "contexts": meta.get("n_contexts", 0),
+            "documents": meta.get("n_documents", 0),
+            "labels": len(counts[split]),
+            "source": meta.get("source", "cache"),
+        }
+        for split, meta in metas.items()
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": summary, "tokens_per_label": counts}, indent=1))
+    return table
+
+
 def split_labels(params) -> dict[str, list[str] | None]:
     """Per-document labels (Brown: genre) of the train and test splits, in split order."""
     from mlsae.data import document_labels, split_indices

@@ -158,6 +158,18 @@ def write_train_params(path, cache_root, run: str, r: int, k: int, tokens: int, 
     return path
 
 
+def write_stream_params(path, cache_root, corpus, run: str, tokens: int, **train):
+    """`write_train_params` for training from the stream: the tiny Pythia on ``text:<corpus>``."""
+    r, k = (int(x[1:]) for x in run.split("-"))
+    write_train_params(path, cache_root, run, r, k, tokens, source="stream", **train)
+    params = yaml.safe_load(path.read_text())
+    params["base"] |= {"model": PYTHIA, "corpus": f"text:{corpus}"}
+    params["data"] |= {"context_length": 32, "batch_contexts": 4, "test_fraction": 0.1}
+    params["lens"] = {"train": False}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 PYTHIA = "EleutherAI/pythia-70m-deduped"
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import make_cache, write_train_params
+from conftest import make_cache, write_stream_params, write_text_corpus, write_train_params
 
 from mlsae.train import load_checkpoint
 
@@ -47,16 +47,40 @@ def command(params, run_dir):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("source", ["cache", "stream"])
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, source, request):
+    """Killed at a random point and resumed, a run ends where an uninterrupted one does.
+
+    The stream (the tiny Pythia run on a text corpus, shuffle blocks of 256 tokens) is
+    regenerated at the checkpoint's position, block permutation included.
+    """
     root = tmp_path / "cache"
-    make_cache(root / "activations" / "train", n_tokens=16384, n_layers=3, d=64, shard=512)
-    params = write_params(tmp_path / "p.yaml", root, tokens=16384)
+    env = ENV
+    if source == "cache":
+        make_cache(root / "activations" / "train", n_tokens=16384, n_layers=3, d=64, shard=512)
+        params = write_params(tmp_path / "p.yaml", root, tokens=16384)
+    else:
+        _, hub_env = request.getfixturevalue("tiny_pythia")
+        env = {**ENV, **hub_env}
+        corpus = write_text_corpus(tmp_path / "corpus", n_docs=400)
+        params = write_stream_params(
+            tmp_path / "p.yaml",
+            root,
+            corpus,
+            "r8-k8",
+            16384,
+            lr=1e-3,
+            batch_tokens=32,
+            dead_tokens=256,
+            checkpoint_tokens=128,
+            shuffle_tokens=256,
+        )
     subprocess.run(
-        command(params, tmp_path / "full"), env=ENV, check=True, timeout=600, capture_output=True
+        command(params, tmp_path / "full"), env=env, check=True, timeout=600, capture_output=True
     )
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        command(params, killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(params, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
@@ -66,7 +90,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert proc.wait() == -signal.SIGKILL
     partial = load_checkpoint(killed / "checkpoint.pt")
     assert 0 < partial["tokens_seen"] < 16384, "the run was not killed mid-way"
-    subprocess.run(command(params, killed), env=ENV, check=True, timeout=600, capture_output=True)
+    subprocess.run(command(params, killed), env=env, check=True, timeout=600, capture_output=True)
     full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     resumed = load_checkpoint(killed / "checkpoint.pt")
     assert resumed["tokens_seen"] == full["tokens_seen"] == 16384

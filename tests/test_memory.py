@@ -85,3 +85,49 @@ def test_splitting_a_streamed_corpus_keeps_memory_bounded():
     n_test, n_chars, before_kb, after_kb = map(int, out.stdout.split())
     assert n_chars > 400e6 and 3000 < n_test < 5000  # the whole corpus, ~1% of it held out
     assert (after_kb - before_kb) * 1024 < 20e6, f"peak RSS grew by {after_kb - before_kb} kB"
+
+
+STREAM_SCRIPT = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+import numpy as np
+from conftest import WORDS, make_tiny_model
+from mlsae.sources import ModelStream, TrainingSource
+from mlsae.train import TrainConfig, train
+
+model = make_tiny_model(n_layers=4, d_model=256)
+rng = np.random.default_rng(0)
+docs = [" ".join(rng.choice(WORDS, 100)) for _ in range(2600)]  # ~260k tokens
+stream = ModelStream(model, docs, 64, 8)
+source = TrainingSource(stream, shuffle_tokens=int(sys.argv[2]))
+cfg = TrainConfig(expansion_factor=2, k=8, batch_tokens=256, max_tokens=200_000, dead_tokens=4096)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+train(cfg, source, sys.argv[3], progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(torch.load(sys.argv[3] + "/checkpoint.pt", weights_only=False)["tokens_seen"], before, after)
+"""
+
+
+def test_a_streaming_run_stays_within_its_shuffle_buffer(tmp_path):
+    """Training on 200k streamed tokens holds one shuffle block, not the stream.
+
+    The stream's residuals are 200k tokens x 4 layers x 256 dims x 2 bytes = 410 MB; the shuffle
+    block is 4,096 tokens (8.4 MB), one chunk 512 tokens (1 MB). The ceiling, 60 MB of peak-RSS
+    growth, leaves room for the SAE, Adam and allocator slack but not for the stream.
+    """
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", STREAM_SCRIPT, tests, "4096", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen, before_kb, after_kb = map(int, out.stdout.split())
+    assert seen == 199_936  # the whole 256-token steps within the budget
+    growth = (after_kb - before_kb) * 1024
+    print(f"peak RSS growth {growth / 1e6:.1f} MB")
+    assert growth < 60e6, f"peak RSS grew by {growth / 1e6:.0f} MB"
