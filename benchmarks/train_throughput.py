@@ -40,7 +40,8 @@ mean over layers; each trainer's own reconstruction in eval mode, without gradie
 
 The last line is ``mlsae/best_peer = R``: our fp32 step's vectors/s over the faster peer's, every
 trainer in float32 (equal precision), on the first configuration; the lines above it give the
-same ratio for every configuration, and our bf16-selection variant's ratio apart. Use ``--quick`` for a sub-minute smoke run.
+same ratio for every configuration, and our bf16-selection variant's ratio apart. Use ``--quick``
+for a sub-minute smoke run.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class Interleaved:
             self.source.batches(batch_tokens, start_batch // self.world, r, self.world)
             for r in range(self.world)
         ]
-        for group in zip(*parts):
+        for group in zip(*parts, strict=False):  # the ranks' parts may differ in length
             yield from group
 
 
