@@ -156,7 +156,7 @@ class ActivationCache:
     ) -> ActivationCache:
         """Compute residuals of ``contexts`` and write one shard per batch of contexts.
 
-        Each shard keeps the token ids and the document index of every kept token; with
+        Each shard keeps the token id, document index and context index of every kept token; with
         ``labels`` (one per document index), ``meta.json`` records the tokens per label (for
         Brown: tokens per genre).
         """
@@ -179,6 +179,8 @@ class ActivationCache:
             np.save(tmp / f"{name}.npy", acts.cpu().numpy())
             np.save(tmp / f"{name}.tokens.npy", tokens[keep].numpy().astype(np.int32))
             np.save(tmp / f"{name}.docs.npy", docs)
+            ctx = torch.arange(i, i + len(batch))[:, None].expand_as(tokens)[keep]
+            np.save(tmp / f"{name}.ctx.npy", ctx.numpy().astype(np.int32))
             if labels is not None:
                 for doc, count in zip(*np.unique(docs, return_counts=True), strict=True):
                     per_label[labels[doc]] = per_label.get(labels[doc], 0) + int(count)
@@ -214,6 +216,13 @@ class ActivationCache:
     def contexts(self) -> torch.Tensor:
         """``(context, context_length)`` token ids of the contexts the cache was built from."""
         return torch.from_numpy(np.load(self.path / "contexts.npy").astype(np.int64))
+
+    def context_ids(self) -> torch.Tensor | None:
+        """``(token,)`` index (into `contexts`) of each cached token's context; None if unknown."""
+        files = [self.path / f"{name}.ctx.npy" for name in self.shards]
+        if not all(f.exists() for f in files):
+            return None
+        return torch.from_numpy(np.concatenate([np.load(f) for f in files]).astype(np.int64))
 
     def tokens(self, i: int) -> np.ndarray:
         """Token ids ``(token,)`` of shard ``i``."""

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 SOURCES = ("cache", "stream")
 AUTOCAST = ("bfloat16", "float16", "none")
+LR_DECAYS = ("none", "linear", "cosine")
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Train:
     checkpoint_tokens: int = 20_000
     select_bf16: bool = True
     grad_accum: int = 1
+    lr_warmup_tokens: int = 0
+    """Linear learning-rate warm-up (tokens; 0: none)."""
+    lr_decay: str = "none"
+    """``none`` (the paper), ``linear`` or ``cosine`` decay to 0 at the run's token budget."""
+    epochs: int = 1
+    """Passes over the training data (the cache, or the stream's corpus), each reshuffled."""
     source: str = "cache"
     """``cache``: read the training cache (stage 01); ``stream``: run the model while training."""
     shuffle_tokens: int = 16384
@@ -216,6 +223,13 @@ def validate(
     for key in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux", "grad_accum"):
         _positive(f"train.{key}", getattr(p.train, key))
     _positive("data.shuffle_documents", p.data.shuffle_documents)
+    _positive("train.epochs", p.train.epochs)
+    if p.train.lr_warmup_tokens < 0:
+        raise ConfigError(f"train.lr_warmup_tokens must be >= 0, got {p.train.lr_warmup_tokens}.")
+    if p.train.lr_decay not in LR_DECAYS:
+        raise ConfigError(
+            f"train.lr_decay must be one of {', '.join(LR_DECAYS)}, got {p.train.lr_decay!r}."
+        )
     if p.train.source not in SOURCES:
         raise ConfigError(
             f"train.source must be one of {', '.join(SOURCES)}, got {p.train.source!r}."

@@ -16,6 +16,15 @@ Definitions, for latent i, layer l, and activations :math:`a_{t,l,i} \ge 0`:
   over latents active at least ``min_tokens`` times (the paper reports ~100).
 * layers above threshold: for each count threshold c, the number of layers with :math:`c_{l,i}
   \ge c`.
+* ``variance_ratio_paper``, the original analysis code's definition (tim-lawson/mlsae,
+  ``mlsae/analysis/variances.py``), per evaluation batch of T tokens over all F latents, with
+  :math:`p_{t,l,i}` as above but 0 where latent i is inactive at every layer for token t and
+  :math:`\mathrm{var}(q) = \sum_l l^2 q_l - (\sum_l l q_l)^2` applied to any weights q:
+  aggregated :math:`A_b = \mathrm{mean}_i \mathrm{var}(\mathrm{mean}_t p_{t,\cdot,i})` (inactive
+  tokens included, so the weights sum to the latent's firing rate, not 1), per-token
+  :math:`B_b = \mathrm{mean}_{t,i} \mathrm{var}(p_{t,\cdot,i})` (inactive pairs count as 0).
+  The original records :math:`B_b / A_b` per batch and averages over batches; we report the
+  reciprocal of that average, the "aggregated over per-token" ratio the paper quotes (~100).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class LayerStats:
         self.token_var_sum = torch.zeros(n_latents, dtype=f64)
         self.token_count = torch.zeros(n_latents, dtype=f64)
         self.n_tokens = 0
+        self.paper_rel_var_t: list[float] = []  # the original's B_b / A_b, per batch
 
     @torch.no_grad()
     def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -71,6 +81,15 @@ class LayerStats:
         self.token_var_sum += var.sum(0)
         self.token_count += seen.double().sum(0)
         self.n_tokens += n_tok
+        # the original's definition: mean over tokens of p_{t,l,i} (inactive tokens as zeros)
+        share = values[active] / m0.flatten()[key]  # p_{t,l,i} of each active entry
+        lkey = (torch.arange(n_layers)[:, None, None] * self.n_latents + indices)[active]
+        mean_p = torch.bincount(lkey, weights=share, minlength=size).view(n_layers, -1) / n_tok
+        ell = torch.arange(n_layers, dtype=torch.float64)[:, None]
+        aggregated = ((ell**2 * mean_p).sum(0) - (ell * mean_p).sum(0) ** 2).mean()
+        per_token = var.sum() / (n_tok * self.n_latents)
+        if aggregated > 0:
+            self.paper_rel_var_t.append((per_token / aggregated).item())
 
     def save(self, path: str | Path) -> None:
         """Write the accumulated sums (a few MB: O(layers x latents)) with `torch.save`."""
@@ -117,6 +136,11 @@ class LayerStats:
                 "mean_aggregated_variance": agg_mean,
                 "mean_per_token_variance": tok_mean,
                 "variance_ratio": agg_mean / tok_mean if tok_mean > 0 else float("inf"),
+                "variance_ratio_paper": (
+                    len(self.paper_rel_var_t) / sum(self.paper_rel_var_t)
+                    if sum(self.paper_rel_var_t) > 0
+                    else float("inf")
+                ),
                 "mean_layers_active_ge1": n_layers_above[0][alive].double().mean().item(),
             },
         }

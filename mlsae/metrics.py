@@ -1,8 +1,18 @@
 r"""Evaluation metrics, each stated as a formula, accumulated in float64 over an evaluation set.
 
-* FVU at layer l: :math:`\sum_t \|x_t - \hat x_t\|^2 / \sum_t \|x_t - \bar x\|^2`, with
-  :math:`\bar x` the per-dimension mean over the evaluation tokens. Reported per layer and as the
-  unweighted mean over layers. ``space`` says whether x is the raw residual or its lens transform.
+* FVU at layer l (``fvu``, ours, Gao et al.'s normalised MSE):
+  :math:`\sum_t \|x_t - \hat x_t\|^2 / \sum_t \|x_t - \bar x\|^2`, with :math:`\bar x` the
+  per-dimension mean over the evaluation tokens. Reported per layer and as the unweighted mean
+  over layers. ``space`` says whether x is the raw residual or its lens transform.
+* ``fvu_paper``, the original code's FVU (tim-lawson/mlsae, ``mlsae/metrics/layerwise_fvu.py``,
+  ``LayerwiseFVU``): per evaluation batch b, the mean squared error over every entry of the
+  layer's ``(token, d)`` block, :math:`m_b = \mathrm{mean}_{t,j} (x_{tj} - \hat x_{tj})^2`, and
+  the unbiased variance of all those entries around *one scalar* mean,
+  :math:`v_b = \mathrm{var}_{t,j}(x_{tj})`; FVU = :math:`\sum_b m_b / \sum_b v_b`. The
+  original compares de-standardised reconstructions with its inputs, so the space is the one
+  the SAE reconstructs (raw, or lens space for a lens run; ``fvu_paper_raw`` is raw). Where the
+  residual stream has large per-dimension offsets the scalar-mean variance is much larger than
+  ours, so ``fvu_paper`` < ``fvu``. Our batches: 1024 test tokens (the original: one context).
 * L0: mean number of nonzero latents per vector. L1: mean sum of latent activations per vector
   (the paper's Table 1 "L1 norm").
 * delta CE at layer l: the output of block l at every non-special position is replaced by its
@@ -25,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
+from mlsae import bootstrap
 from mlsae.activations import residual_stream, special_mask, take_tokens
 from mlsae.models import special_token_ids
 from mlsae.sae import MLSAE
@@ -39,6 +50,9 @@ class ReconstructionStats:
 
     def __init__(self, n_layers: int, d_model: int, n_latents: int):
         f64 = torch.float64
+        self.batch_mse = torch.zeros(n_layers, dtype=f64)  # sum over batches (fvu_paper)
+        self.batch_var = torch.zeros(n_layers, dtype=f64)
+        self.groups: list[tuple[torch.Tensor, ...]] = []  # per-context sums (bootstrap)
         self.n = torch.zeros(n_layers, dtype=f64)
         self.sum_x = torch.zeros(n_layers, d_model, dtype=f64)
         self.sum_x2 = torch.zeros(n_layers, dtype=f64)
@@ -54,13 +68,32 @@ class ReconstructionStats:
         recons: torch.Tensor,
         values: torch.Tensor,
         indices: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: x and recons `(layer, token, d)`, values and indices `(layer, token, k)`."""
+        """Add a batch: x and recons `(layer, token, d)`, values and indices `(layer, token, k)`.
+
+        ``groups`` ``(token,)``: each token's context, for `fvu_replicates`.
+        """
         x, recons, values = x.double().cpu(), recons.double().cpu(), values.double().cpu()
+        err = (x - recons).pow(2)
         self.n += x.shape[1]
         self.sum_x += x.sum(1)
         self.sum_x2 += x.pow(2).sum((1, 2))
-        self.sse += (x - recons).pow(2).sum((1, 2))
+        self.sse += err.sum((1, 2))
+        self.batch_mse += err.mean((1, 2))
+        self.batch_var += x.flatten(1).var(1)
+        if groups is not None:
+            ids, inverse = torch.unique(groups.cpu(), return_inverse=True)
+            per = [
+                torch.zeros(len(ids), *shape, dtype=torch.float64).index_add_(0, inverse, v)
+                for shape, v in (
+                    ((x.shape[0],), err.sum(2).T),
+                    ((x.shape[0],), x.pow(2).sum(2).T),
+                    ((x.shape[0], x.shape[2]), x.transpose(0, 1)),
+                    ((), torch.ones(x.shape[1], dtype=torch.float64)),
+                )
+            ]
+            self.groups.append((ids, *per))
         self.l0 += (values > 0).sum((1, 2)).double()
         self.l1 += values.sum((1, 2))
         if indices is not None:
@@ -73,10 +106,27 @@ class ReconstructionStats:
         total = self.sum_x2 - self.sum_x.pow(2).sum(-1) / self.n
         return {
             "fvu": (self.sse / total).tolist(),
+            "fvu_paper": (self.batch_mse / self.batch_var).tolist(),
             "l0": (self.l0 / self.n).tolist(),
             "l1": (self.l1 / self.n).tolist(),
             "inactive_fraction": (1 - self.fired.double().mean(-1)).tolist(),
         }
+
+    def group_sums(self) -> tuple[torch.Tensor, ...] | None:
+        """Per-context ``(sse, sum ||x||^2, sum x, n)`` for `mlsae.bootstrap.fvu_replicates`."""
+        if not self.groups:
+            return None
+        ids = torch.cat([g[0] for g in self.groups])
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        out = []
+        for j in range(1, 5):
+            parts = torch.cat([g[j] for g in self.groups])
+            out.append(
+                torch.zeros(len(uniq), *parts.shape[1:], dtype=torch.float64).index_add_(
+                    0, inverse, parts
+                )
+            )
+        return tuple(out)
 
 
 def kl_from_logits(p: torch.Tensor, neg_entropy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -160,7 +210,9 @@ def delta_ce_kl(
         resid: ``(layer, batch, pos, d)`` residuals of ``tokens`` if already computed.
 
     Returns:
-        ``{"delta_ce": (layer,), "kl": (layer,), "n": ()}`` float64 sums.
+        float64 sums: ``{"delta_ce": (layer,), "kl": (layer,), "n": ()}``, and the same per
+        context (row of ``tokens``): ``"delta_ce_rows"``, ``"kl_rows"`` ``(layer, batch)`` and
+        ``"n_rows"`` ``(batch,)``.
     """
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -170,8 +222,8 @@ def delta_ce_kl(
     # The clean logits are the final norm and unembedding of the last block's output.
     clean = NextTokenDistribution(patched_logits(model, resid[-1], n_layers - 1), tokens)
     keep = ~special_mask(tokens, special_token_ids(model))
-    d_ce = torch.zeros(n_layers, dtype=torch.float64)
-    kl = torch.zeros(n_layers, dtype=torch.float64)
+    d_ce = torch.zeros(n_layers, tokens.shape[0], dtype=torch.float64)
+    kl = torch.zeros(n_layers, tokens.shape[0], dtype=torch.float64)
     # Predictions made at special positions (BOS, EOS) are left out of the mean: those
     # positions are not replaced, and at BOS the prediction cannot change at all.
     scored = keep[:, :-1]
@@ -179,9 +231,17 @@ def delta_ce_kl(
         patched = resid[layer].clone()
         patched[keep] = reconstruct(resid[layer][keep], layer).to(patched.dtype)
         ce, kl_tok = clean.ce_and_kl(patched_logits(model, patched, layer))
-        d_ce[layer] = (ce - clean.ce)[scored].sum().cpu()
-        kl[layer] = kl_tok[scored].sum().cpu()
-    return {"delta_ce": d_ce, "kl": kl, "n": scored.sum().double().cpu()}
+        d_ce[layer] = torch.where(scored, ce - clean.ce, 0).sum(-1).cpu()
+        kl[layer] = torch.where(scored, kl_tok, 0).sum(-1).cpu()
+    n_rows = scored.sum(-1).double().cpu()
+    return {
+        "delta_ce": d_ce.sum(1),
+        "kl": kl.sum(1),
+        "n": n_rows.sum(),
+        "delta_ce_rows": d_ce,
+        "kl_rows": kl,
+        "n_rows": n_rows,
+    }
 
 
 def mmcs(dict_a: torch.Tensor, dict_b: torch.Tensor | None = None, chunk: int = 4096) -> float:
@@ -211,6 +271,8 @@ def evaluate(
     layers: list[int] | None = None,
     vectors: Iterable[torch.Tensor] | None = None,
     latent_stats=None,
+    vector_contexts: torch.Tensor | None = None,
+    n_boot: int = 1000,
 ) -> dict:
     """Evaluate an SAE on held-out data; per-layer metrics and their mean over layers.
 
@@ -226,6 +288,11 @@ def evaluate(
             the test activation cache. Then the model runs only on the delta-CE batches; without
             it, FVU, L0 and L1 come from the residuals of every token batch.
         latent_stats: a `mlsae.latents.LayerStats` to feed with the same activations.
+        vector_contexts: ``(token,)`` context index of each token of ``vectors`` (in order);
+            with it FVU gets a standard error (``fvu_se``) by bootstrap over contexts. delta CE
+            and KL always get one (``delta_ce_se``, ``kl_se``), over the contexts of
+            ``token_batches`` (`mlsae.bootstrap`).
+        n_boot: bootstrap replicates for the standard errors.
 
     Returns:
         ``{"per_layer": {metric: [value per layer]}, "mean": {metric: value}, "layers": [...],
@@ -237,9 +304,8 @@ def evaluate(
     specials = special_token_ids(model)
     stats = ReconstructionStats(len(layers), sae.d_model, sae.n_latents)
     raw_stats = ReconstructionStats(len(layers), sae.d_model, sae.n_latents) if lens else None
-    ce_sum = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
-    kl_sum = torch.zeros_like(ce_sum)
-    n_ce = 0.0
+    ce_rows, kl_rows, n_rows = [], [], []  # per context: (layer,), (layer,), ()
+    seen = 0
 
     def to_space(x: torch.Tensor, layer: int) -> torch.Tensor:
         return lens.transform(x, layer) if lens is not None else x
@@ -250,19 +316,21 @@ def evaluate(
     def reconstruct(x: torch.Tensor, layer: int) -> torch.Tensor:
         return from_space(sae(to_space(x.to(device), layer)).recons, layer).to(x.dtype)
 
-    def add(x_raw: torch.Tensor) -> None:  # (layer, token, d), raw space
+    def add(x_raw: torch.Tensor, groups: torch.Tensor | None = None) -> None:  # (layer, token, d)
         x_raw = x_raw.to(device)
         x = torch.stack([to_space(x_raw[j], layer) for j, layer in enumerate(layers)])
         out = sae(x)
-        stats.update(x, out.recons, out.values, out.indices)
+        stats.update(x, out.recons, out.values, out.indices, groups)
         if raw_stats is not None:
             raw = torch.stack([from_space(out.recons[j], ly) for j, ly in enumerate(layers)])
-            raw_stats.update(x_raw, raw, out.values)
+            raw_stats.update(x_raw, raw, out.values, groups=groups)
         if latent_stats is not None:
             latent_stats.update(out.values, out.indices)
 
     for x_raw in vectors if vectors is not None else ():
-        add(x_raw)
+        n = x_raw.shape[1]
+        add(x_raw, None if vector_contexts is None else vector_contexts[seen : seen + n])
+        seen += n
     if vectors is not None and ce_batches is not None:
         token_batches = itertools.islice(token_batches, ce_batches)  # read no batch past them
     for i, tokens in enumerate(token_batches):
@@ -272,18 +340,32 @@ def evaluate(
             add(resid[layers][:, ~special_mask(tokens.to(resid.device), specials)])
         if with_ce:
             res = delta_ce_kl(model, tokens, reconstruct, layers, resid)
-            ce_sum += res["delta_ce"]
-            kl_sum += res["kl"]
-            n_ce += res["n"].item()
+            ce_rows += list(res["delta_ce_rows"][layers].T)
+            kl_rows += list(res["kl_rows"][layers].T)
+            n_rows += list(res["n_rows"])
 
     per_layer = stats.compute()
     if raw_stats is not None:
-        per_layer["fvu_raw"] = raw_stats.compute()["fvu"]
+        raw = raw_stats.compute()
+        per_layer["fvu_raw"], per_layer["fvu_paper_raw"] = raw["fvu"], raw["fvu_paper"]
+    n_ce = float(sum(n_rows))
     if n_ce:
-        per_layer["delta_ce"] = (ce_sum[layers] / n_ce).tolist()
-        per_layer["kl"] = (kl_sum[layers] / n_ce).tolist()
+        per_layer["delta_ce"] = (torch.stack(ce_rows).sum(0) / n_ce).tolist()
+        per_layer["kl"] = (torch.stack(kl_rows).sum(0) / n_ce).tolist()
     per_layer["dead_fraction_train"] = [sae.dead_fraction()] * len(layers)
     mean = {k: sum(v) / len(v) for k, v in per_layer.items()}
+    # standard errors by bootstrap over contexts (mlsae.bootstrap)
+    if len(n_rows) > 1:
+        w = bootstrap.weights(len(n_rows), n_boot)
+        counts = torch.stack(n_rows)
+        for key, rows in (("delta_ce", ce_rows), ("kl", kl_rows)):
+            reps = bootstrap.mean_replicates(torch.stack(rows), counts, w)
+            per_layer[f"{key}_se"], mean[f"{key}_se"] = bootstrap.standard_errors(reps)
+    for key, acc in (("fvu", stats), ("fvu_raw", raw_stats)):
+        sums = acc.group_sums() if acc is not None else None
+        if sums is not None and len(sums[3]) > 1:
+            reps = bootstrap.fvu_replicates(*sums, bootstrap.weights(len(sums[3]), n_boot))
+            per_layer[f"{key}_se"], mean[f"{key}_se"] = bootstrap.standard_errors(reps)
     mean["inactive_fraction_all_layers"] = stats.fired.any(0).logical_not().double().mean().item()
     return {
         "layers": layers,
@@ -291,6 +373,9 @@ def evaluate(
         "mean": mean,
         "n_tokens": int(stats.n[0].item()),
         "n_ce_tokens": int(n_ce),
+        "n_ce_contexts": len(n_rows),
+        "n_fvu_contexts": len(stats.group_sums()[3]) if stats.groups else None,
+        "uncertainty": f"standard errors: bootstrap over contexts, {n_boot} replicates",
         "space": "lens" if lens is not None else "raw",
     }
 

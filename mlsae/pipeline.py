@@ -162,7 +162,9 @@ def training_source(
             doc_buffer=params.data.shuffle_documents,
             autocast=getattr(torch, autocast) if on_gpu and autocast != "none" else None,
         )
-    return TrainingSource(chunks, params.train.shuffle_tokens, params.base.seed)
+    return TrainingSource(
+        chunks, params.train.shuffle_tokens, params.base.seed, epochs=params.train.epochs
+    )
 
 
 def train_and_evaluate(
@@ -196,7 +198,15 @@ def train_and_evaluate(
     batches = test_cache.contexts()[:ce_contexts].split(eval_batch_size)
     latent_stats = LayerStats(len(layers), sae.n_latents)
     result = evaluate(
-        sae, model, batches, lens, None, layers, vectors=vectors, latent_stats=latent_stats
+        sae,
+        model,
+        batches,
+        lens,
+        None,
+        layers,
+        vectors=vectors,
+        latent_stats=latent_stats,
+        vector_contexts=test_cache.context_ids(),
     )
     result["config"] = {k: v for k, v in vars(cfg).items() if k != "extra"} | cfg.extra
     result["tokens_trained"] = load_checkpoint(run_dir / "checkpoint.pt")["tokens_seen"]
@@ -252,8 +262,10 @@ def train_config(params, run: str, layers: list[int] | None = None, lens_sha=Non
         adam_eps=params.train.adam_eps,
         batch_tokens=params.train.batch_tokens,
         grad_accum=params.train.grad_accum,
-        max_tokens=entry.train_tokens or params.data.train_tokens,
+        max_tokens=(entry.train_tokens or params.data.train_tokens) * params.train.epochs,
         shuffle_tokens=params.train.shuffle_tokens,
+        lr_warmup_tokens=params.train.lr_warmup_tokens,
+        lr_decay=params.train.lr_decay,
         layers=layers,
         seed=params.base.seed,
         checkpoint_every=params.train.checkpoint_tokens,
@@ -300,70 +312,47 @@ def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | P
     return result, run_dir
 
 
-class Table:
-    """A tiny table with CSV and Markdown output (no pandas/tabulate dependency)."""
+def table1(runs: dict[str, dict], params):
+    """The paper's Table 1 for our runs: means over layers, with bootstrap standard errors.
 
-    def __init__(self, columns: list[str], rows: list[list]):
-        self.columns, self.rows = columns, rows
+    ``FVU`` is ours (per-dimension mean) and ``FVU (paper def.)`` the original code's (scalar
+    variance, per batch; `mlsae.metrics`), both in the space the SAE reconstructs (lens space
+    for a lens run), and both again in the raw residual space for lens runs. ``± SE``: standard
+    errors by bootstrap over held-out contexts (`mlsae.bootstrap`). Returns a pandas DataFrame.
+    """
+    import pandas as pd
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @staticmethod
-    def _fmt(v, floatfmt: str = ".3f") -> str:
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
-
-    def to_csv(self, path: str | Path, index: bool = False) -> None:
-        """Write CSV."""
-        lines = [",".join(self.columns)]
-        lines += [",".join(self._fmt(v, ".6g") for v in row) for row in self.rows]
-        Path(path).write_text("\n".join(lines) + "\n")
-
-    def to_markdown(self, index: bool = False, floatfmt: str = ".3f") -> str:
-        """Markdown pipe table."""
-        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(self._fmt(v, floatfmt) for v in r) + " |" for r in self.rows]
-        return "\n".join(lines) + "\n"
-
-
-def table1(runs: dict[str, dict], params) -> Table:
-    """The paper's Table 1 for our runs: mean over layers of FVU, L1 and delta CE."""
-    cols = [
-        "run",
-        "model",
-        "corpus",
-        "R",
-        "k",
-        "lens",
-        "FVU",
-        "FVU (raw space)",
-        "L1",
-        "delta CE",
-        "KL",
-        "test tokens",
-        "CE tokens",
-    ]
     rows = []
     for name, res in runs.items():
         entry, mean = params.sweep[name], res["mean"]
+        nan = float("nan")
         rows.append(
-            [
-                name,
-                params.base.model,
-                params.base.corpus,
-                entry.expansion_factor,
-                entry.k,
-                "yes" if entry.lens else "no",
-                mean["fvu"],
-                mean.get("fvu_raw", mean["fvu"]),
-                mean["l1"],
-                mean.get("delta_ce", float("nan")),
-                mean.get("kl", float("nan")),
-                res["n_tokens"],
-                res["n_ce_tokens"],
-            ]
+            {
+                "run": name,
+                "model": params.base.model,
+                "corpus": params.base.corpus,
+                "R": int(entry.expansion_factor)
+                if float(entry.expansion_factor).is_integer()
+                else entry.expansion_factor,
+                "k": entry.k,
+                "lens": "yes" if entry.lens else "no",
+                "FVU": mean["fvu"],
+                "FVU SE": mean.get("fvu_se", nan),
+                "FVU (paper def.)": mean.get("fvu_paper", nan),
+                "FVU raw": mean.get("fvu_raw", mean["fvu"]),
+                "FVU raw (paper def.)": mean.get("fvu_paper_raw", mean.get("fvu_paper", nan)),
+                "L1": mean["l1"],
+                "delta CE": mean.get("delta_ce", nan),
+                "delta CE SE": mean.get("delta_ce_se", nan),
+                "KL": mean.get("kl", nan),
+                "KL SE": mean.get("kl_se", nan),
+                "test tokens": res["n_tokens"],
+                "CE predictions": res["n_ce_tokens"],
+                "CE contexts": res.get("n_ce_contexts", nan),
+                "train tokens": res.get("tokens_trained", nan),
+            }
         )
-    return Table(cols, rows)
+    return pd.DataFrame(rows)
 
 
 def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -> dict:
@@ -423,3 +412,37 @@ def sweep_groups(params) -> dict[str, list[str]]:
             groups.setdefault(f"k{suffix}", []).append(name)
     key = {"R": lambda n: params.sweep[n].expansion_factor, "k": lambda n: params.sweep[n].k}
     return {g: sorted(names, key=key[g[0]]) for g, names in groups.items()}
+
+
+def sweep_differences(runs: dict[str, dict], groups: dict[str, list[str]]) -> dict:
+    """Adjacent sweep points compared with their noise: is each step larger than 2 SE?
+
+    For each group and each metric (raw-space FVU, delta CE), the difference of the means over
+    layers of neighbouring runs and ``se = sqrt(se_a^2 + se_b^2)`` from their bootstrap standard
+    errors. The runs are evaluated on the same contexts, so their errors are positively
+    correlated and this ``se`` overstates the noise of the difference: "within noise"
+    (``|diff| < 2 se``) is a cautious verdict.
+    """
+    out: dict[str, list[dict]] = {}
+    for group, names in groups.items():
+        rows = []
+        for a, b in zip(names, names[1:], strict=False):
+            for key in ("fvu_raw", "delta_ce"):
+                ma, mb = runs[a]["mean"], runs[b]["mean"]
+                metric = key if key in ma and key in mb else key.removesuffix("_raw")
+                if metric not in ma or f"{metric}_se" not in ma or f"{metric}_se" not in mb:
+                    continue
+                diff = mb[metric] - ma[metric]
+                se = (ma[f"{metric}_se"] ** 2 + mb[f"{metric}_se"] ** 2) ** 0.5
+                rows.append(
+                    {
+                        "from": a,
+                        "to": b,
+                        "metric": metric,
+                        "difference": diff,
+                        "se": se,
+                        "within_noise": abs(diff) < 2 * se,
+                    }
+                )
+        out[group] = rows
+    return out

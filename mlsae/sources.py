@@ -68,9 +68,16 @@ class CacheSource:
         self.n_tokens: int | None = cache.n_tokens
         """Tokens in one pass (None for an unbounded or unknown stream)."""
 
-    def chunks(self) -> Iterator[Chunk]:
-        """One chunk per shard; a shard's length comes from its header, its data on `get`."""
-        for i in range(len(self.cache)):
+    def chunks(self, epoch: int = 0, seed: int = 0) -> Iterator[Chunk]:
+        """One chunk per shard; a shard's length comes from its header, its data on `get`.
+
+        Epoch 0 reads the shards in order; a later epoch in a seeded random order.
+        """
+        order = list(range(len(self.cache)))
+        if epoch:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(order), generator=generator).tolist()
+        for i in order:
             arr = self.cache.shard(i)  # memory-mapped: only the header is read here
 
             def load(arr=arr) -> torch.Tensor:
@@ -118,11 +125,11 @@ class ModelStream:
         self.n_tokens: int | None = None
         self.specials = special_token_ids(model)
 
-    def token_batches(self) -> Iterator[torch.Tensor]:
+    def token_batches(self, epoch: int = 0) -> Iterator[torch.Tensor]:
         """``(batch_contexts, context_length)`` token batches in stream order (no forward)."""
         docs = self.docs
         if self.shuffle_documents:
-            docs = shuffle_corpus(docs, self.seed, self.doc_buffer)
+            docs = shuffle_corpus(docs, self.seed + 7919 * epoch, self.doc_buffer)
         bos, eos = special_ids(self.model.tokenizer)
         contexts = token_contexts(docs, self.model.tokenizer, self.context_length, bos, eos)
         while batch := list(islice(contexts, self.batch_contexts)):
@@ -137,9 +144,12 @@ class ModelStream:
             resid = residual_stream(self.model, tokens, self.layers)
         return to_float16(resid[:, keep.to(resid.device)], "the training stream")
 
-    def chunks(self) -> Iterator[Chunk]:
-        """One chunk per batch of contexts; the forward runs on `Chunk.get`."""
-        for tokens in self.token_batches():
+    def chunks(self, epoch: int = 0, seed: int = 0) -> Iterator[Chunk]:
+        """One chunk per batch of contexts; the forward runs on `Chunk.get`.
+
+        Each epoch visits the documents in another seeded order (the stream's own ``seed``).
+        """
+        for tokens in self.token_batches(epoch):
             n_kept = int((~special_mask(tokens, self.specials)).sum())
             yield Chunk(n_kept, lambda tokens=tokens: self.residuals(tokens))
 
@@ -230,22 +240,34 @@ def shuffled_batches(
 
 
 class TrainingSource:
-    """A chunk source with its shuffle settings: what `mlsae.train.train` reads."""
+    """A chunk source with its shuffle settings and epochs: what `mlsae.train.train` reads.
 
-    def __init__(self, source: CacheSource | ModelStream, shuffle_tokens: int, seed: int = 0):
+    ``epochs`` passes over the source make one stream (each pass in another seeded order of
+    shards or documents, then through the same shuffle blocks), so resume and rank splits work
+    across epochs as within one.
+    """
+
+    def __init__(
+        self, source: CacheSource | ModelStream, shuffle_tokens: int, seed: int = 0, epochs: int = 1
+    ):
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}.")
         self.source, self.shuffle_tokens, self.seed = source, shuffle_tokens, seed
-        self.n_layers, self.d_model, self.n_tokens = (
-            source.n_layers,
-            source.d_model,
-            source.n_tokens,
-        )
+        self.epochs = epochs
+        self.n_layers, self.d_model = source.n_layers, source.d_model
+        self.n_tokens = None if source.n_tokens is None else source.n_tokens * epochs
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The source's chunks, ``epochs`` times."""
+        for epoch in range(self.epochs):
+            yield from self.source.chunks(epoch, self.seed)
 
     def batches(
         self, batch_tokens: int, start_batch: int = 0, rank: int = 0, world_size: int = 1
     ) -> Iterator[torch.Tensor]:
         """`shuffled_batches` of the source, float32."""
         return shuffled_batches(
-            self.source.chunks(),
+            self.chunks(),
             batch_tokens,
             self.shuffle_tokens,
             self.seed,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -51,6 +52,10 @@ class TrainConfig:
     """Choose the top-k with a bfloat16 encoder matmul in training (see `MLSAE`)."""
     lr: float = 1e-4
     """Adam learning rate (paper: 1e-4, no schedule, no weight decay)."""
+    lr_warmup_tokens: int = 0
+    """Linear warm-up from 0 over this many tokens (0: none; `lr_factor`)."""
+    lr_decay: str = "none"
+    """``none`` (the paper), ``linear`` or ``cosine`` decay to 0 at the token budget."""
     adam_eps: float = 6.25e-10
     """Adam epsilon (paper: 6.25e-10)."""
     batch_tokens: int = 256
@@ -84,6 +89,27 @@ class TrainConfig:
         if self.grad_accum <= 0:
             raise ValueError(f"grad_accum must be positive, got {self.grad_accum}.")
         block_size(self.batch_tokens, self.shuffle_tokens)  # a buffer smaller than a batch raises
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}.")
+
+
+LR_DECAYS = ("none", "linear", "cosine")
+
+
+def lr_factor(tokens: int, budget: int, warmup: int = 0, decay: str = "none") -> float:
+    """Learning-rate multiplier of the step that starts after ``tokens`` of a ``budget``.
+
+    ``min(1, (tokens + 1) / warmup)`` times 1 (``none``), ``1 - tokens / budget`` (``linear``) or
+    ``(1 + cos(pi tokens / budget)) / 2`` (``cosine``). A function of tokens alone, so a resumed
+    run takes the same steps.
+    """
+    factor = min(1.0, (tokens + 1) / warmup) if warmup else 1.0
+    frac = min(1.0, tokens / budget) if budget else 0.0
+    if decay == "linear":
+        factor *= 1.0 - frac
+    elif decay == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * frac))
+    return factor
 
 
 class NonFiniteError(RuntimeError):
@@ -291,6 +317,10 @@ def train(
                 torch.distributed.all_reduce(fired_int, op=torch.distributed.ReduceOp.MAX)
                 fired = fired_int.bool()
             sae.remove_parallel_grad_()
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(
+                    tokens_seen, budget, cfg.lr_warmup_tokens, cfg.lr_decay
+                )
             opt.step()
             sae.normalize_decoder_()
             sae.advance_dead_(fired, step_tokens)
@@ -365,6 +395,8 @@ RESUMABLE_CHANGES = {"max_tokens", "checkpoint_every", "log_every", "device"}
 def same_run(saved: dict, current: dict) -> bool:
     """Whether a checkpoint's training config describes the same run as ``current``."""
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    if current.get("lr_decay", "none") != "none":
+        keys.add("max_tokens")  # the decay is a function of the budget
     return all(saved.get(k) == current.get(k) for k in keys)
 
 

@@ -130,3 +130,55 @@ def test_unreadable_statistics_file_is_a_clear_error(tmp_path):
     (tmp_path / "s.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="latent statistics"):
         LayerStats.load(tmp_path / "s.pt")
+
+
+def dense_latents(values, indices, n_latents):
+    """Top-k (layer, token, k) -> dense (layer, token, latent)."""
+    dense = torch.zeros(*values.shape[:2], n_latents, dtype=torch.float64)
+    return dense.scatter_(2, indices, values.double())
+
+
+def paper_variance_ratio_transcribed(latents):
+    """The original analysis formula written out on a dense (layer, token, latent) batch."""
+    n_layers = latents.shape[0]
+    ell = torch.arange(n_layers, dtype=torch.float64).view(n_layers, *[1] * (latents.ndim - 1))
+
+    def var(q):
+        w = ell.view(n_layers, *[1] * (q.ndim - 1))
+        return (w**2 * q).sum(0) - ((w * q).sum(0)) ** 2
+
+    probs = (latents / latents.sum(0)).nan_to_num(0.0)
+    aggregated = var(probs.mean(1)).mean()
+    per_token = var(probs).mean()
+    return per_token / aggregated
+
+
+def test_variance_ratio_hand_computed_in_both_definitions():
+    """One latent over 2 layers and 4 tokens (second latent never fires).
+
+    tokens: (1, 0), (0, 1), (0.5, 0.5) as activations at layers (0, 1); the fourth token never
+    fires. Ours: aggregated p = (1/2, 1/2), variance 1/4; per-token variances 0, 0, 1/4 over the 3
+    active tokens, mean 1/12; ratio 3. Paper: mean_t p = (1.5/4, 1.5/4), var = 0.375 - 0.375^2 =
+    0.234375 (mean over both latents: 0.1171875); per-token mean over 4 tokens x 2 latents =
+    0.25 / 8; ratio 0.1171875 / 0.03125 = 3.75.
+    """
+    values = torch.tensor([[[1.0], [0.0], [0.5], [0.0]], [[0.0], [1.0], [0.5], [0.0]]])
+    indices = torch.zeros(2, 4, 1, dtype=torch.long)
+    stats = LayerStats(2, 2)
+    stats.update(values, indices)
+    summary = stats.compute(min_tokens=1)["summary"]
+    assert summary["variance_ratio"] == pytest.approx(3.0)
+    assert summary["variance_ratio_paper"] == pytest.approx(3.75)
+
+
+def test_variance_ratio_paper_equals_the_original_formula():
+    gen = torch.Generator().manual_seed(0)
+    stats, ratios = LayerStats(5, 40), []
+    for _ in range(3):
+        values = torch.rand(5, 30, 4, generator=gen) * (torch.rand(5, 30, 4, generator=gen) > 0.3)
+        scores = torch.rand(5, 30, 40, generator=gen)
+        indices = scores.topk(4, dim=-1).indices
+        stats.update(values, indices)
+        ratios.append(paper_variance_ratio_transcribed(dense_latents(values, indices, 40)))
+    expected = 1 / torch.stack(ratios).mean().item()
+    assert stats.compute()["summary"]["variance_ratio_paper"] == pytest.approx(expected, rel=1e-9)

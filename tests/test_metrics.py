@@ -153,3 +153,92 @@ def test_evaluate_on_vectors_runs_the_model_only_on_the_delta_ce_batches(tiny_mo
     vectors = [torch.randn(3, 5, 32)]
     res = evaluate(sae, tiny_model, batches(), ce_batches=1, vectors=vectors)
     assert res["n_tokens"] == 5 and res["n_ce_tokens"] == 6  # 7 predictions, not from BOS
+
+
+def test_fvu_and_fvu_paper_hand_computed():
+    """Two tokens, two dims, one error of 1 (worked by hand in the comments)."""
+    x = torch.tensor([[[1.0, 3.0], [3.0, 5.0]]])  # (layer, token, d)
+    recons = torch.tensor([[[1.0, 3.0], [3.0, 4.0]]])
+    stats = ReconstructionStats(1, 2, 4)
+    stats.update(x, recons, torch.ones(1, 2, 1))
+    out = stats.compute()
+    # ours: SSE 1 / sum ||x - (2, 4)||^2 = 1 / 4
+    assert out["fvu"] == pytest.approx([0.25])
+    # paper: mean sq. error 1/4 over 4 entries / unbiased var of {1, 3, 3, 5} = 8/3 -> 3/32
+    assert out["fvu_paper"] == pytest.approx([3 / 32])
+
+
+def paper_fvu_transcribed(batches):
+    """The original's LayerwiseFVU written out directly: sum_b mean(err^2) / sum_b var(x)."""
+    mse = sum(torch.mean((r - x) ** 2, dim=(1, 2)) for x, r in batches)
+    var = sum(torch.var(x, dim=(1, 2)) for x, _ in batches)
+    return (mse / var).tolist()
+
+
+def test_fvu_paper_equals_the_original_formula_on_several_batches():
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.randn(3, 1, 8, generator=gen) * 5  # large per-dimension offsets
+    batches = []
+    stats = ReconstructionStats(3, 8, 4)
+    for n in (5, 9, 7):
+        x = (offsets + torch.randn(3, n, 8, generator=gen)).double()
+        r = x + 0.3 * torch.randn(3, n, 8, generator=gen).double()
+        batches.append((x, r))
+        stats.update(x, r, torch.ones(3, n, 1))
+    out = stats.compute()
+    assert out["fvu_paper"] == pytest.approx(paper_fvu_transcribed(batches), rel=1e-12)
+    assert all(p < f for p, f in zip(out["fvu_paper"], out["fvu"], strict=True))
+
+
+def test_bootstrap_fvu_replicates_are_the_fvu_of_the_resampled_contexts():
+    from mlsae import bootstrap
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 3, generator=gen).double()
+    r = x + 0.5 * torch.randn(2, 12, 3, generator=gen).double()
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    stats = ReconstructionStats(2, 3, 4)
+    stats.update(x, r, torch.ones(2, 12, 1), groups=groups)
+    sums = stats.group_sums()
+    w = bootstrap.weights(4, n_boot=5, seed=3)
+    reps = bootstrap.fvu_replicates(*sums, w)
+    for b in range(5):  # resample contexts by hand: repeat each context's tokens w times
+        idx = torch.cat(
+            [torch.nonzero(groups == c).flatten().repeat(int(w[b, c])) for c in range(4)]
+        )
+        direct = ReconstructionStats(2, 3, 4)
+        direct.update(x[:, idx], r[:, idx], torch.ones(2, len(idx), 1))
+        assert reps[b].tolist() == pytest.approx(direct.compute()["fvu"], rel=1e-10)
+    # with every weight 1 a replicate is the plain FVU
+    ones = bootstrap.fvu_replicates(*sums, torch.ones(1, 4, dtype=torch.float64))
+    assert ones[0].tolist() == pytest.approx(stats.compute()["fvu"], rel=1e-12)
+    se, se_mean = bootstrap.standard_errors(bootstrap.fvu_replicates(*sums, bootstrap.weights(4)))
+    assert len(se) == 2 and all(s > 0 for s in se) and se_mean > 0
+
+
+def test_bootstrap_weights_resample_each_unit_set_with_replacement():
+    from mlsae import bootstrap
+
+    w = bootstrap.weights(7, n_boot=50, seed=0)
+    assert w.shape == (50, 7) and (w.sum(1) == 7).all() and (w == 0).any()
+    assert torch.equal(w, bootstrap.weights(7, n_boot=50, seed=0))
+    reps = bootstrap.mean_replicates(
+        torch.tensor([[2.0], [4.0]]),
+        torch.tensor([1.0, 3.0]),
+        torch.tensor([[1.0, 1.0], [2.0, 0.0]]),
+    )
+    assert reps[:, 0].tolist() == pytest.approx([6 / 4, 4 / 2])
+
+
+def test_sweep_differences_compare_steps_with_their_noise():
+    from mlsae.pipeline import sweep_differences
+
+    runs = {
+        "a": {"mean": {"fvu": 0.30, "fvu_se": 0.01, "delta_ce": 0.80, "delta_ce_se": 0.05}},
+        "b": {"mean": {"fvu": 0.25, "fvu_se": 0.01, "delta_ce": 0.78, "delta_ce_se": 0.05}},
+    }
+    rows = sweep_differences(runs, {"R": ["a", "b"]})["R"]
+    fvu, ce = rows
+    assert fvu["metric"] == "fvu" and fvu["difference"] == pytest.approx(-0.05)
+    assert fvu["se"] == pytest.approx(0.01 * 2**0.5) and not fvu["within_noise"]
+    assert ce["metric"] == "delta_ce" and ce["within_noise"]  # 0.02 < 2 x 0.0707

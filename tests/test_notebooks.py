@@ -88,6 +88,7 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
         "sweeps",
         "latents_heatmaps",
         "latents_layer_histograms",
+        "latents_thresholds",
         "latents_prompts",
         "latents_activity_sweeps",
         "latents_decoder_cosine",

@@ -201,3 +201,17 @@ def test_build_caches_records_tokens_per_label_and_writes_a_stream_manifest(tmp_
     raw["train"]["source"] = "cache"
     with pytest.raises(config.ConfigError, match="train.source is 'cache' but there is no"):
         training_source(config.from_dict(raw), tmp_path, model)
+
+
+def test_epochs_repeat_the_source_in_a_new_order_and_resume_across_them(tmp_path):
+    cache = make_cache(tmp_path / "c", n_tokens=1024, n_layers=2, d=4, shard=128)
+    one = TrainingSource(CacheSource(cache), 0, seed=5)
+    two = TrainingSource(CacheSource(cache), 0, seed=5, epochs=2)
+    assert two.n_tokens == 2 * one.n_tokens == 2048
+    first = torch.cat(list(one.batches(128)), dim=1)
+    both = torch.cat(list(two.batches(128)), dim=1)
+    assert torch.equal(both[:, :1024], first)  # epoch 0 in order
+    assert not torch.equal(both[:, 1024:], first)  # epoch 1 reshuffled (its shards permuted)
+    assert torch.equal(both[:, 1024:].sort(1).values, first.sort(1).values)  # same vectors
+    tail = torch.cat(list(two.batches(128, start_batch=11)), dim=1)
+    assert torch.equal(tail, both[:, 11 * 128 :])

@@ -1,3 +1,6 @@
+import shutil
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +135,42 @@ def test_training_in_lens_space_leaves_the_lens_untouched(tmp_path):
     for name, p in lens.named_parameters():
         assert p.grad is None, name  # no graph was built through the lens
         assert torch.equal(p.detach(), before[name])
+
+
+def test_lr_factor_hand_computed():
+    from mlsae.train import lr_factor
+
+    assert lr_factor(0, 100) == 1.0 and lr_factor(99, 100) == 1.0  # the paper: constant
+    assert lr_factor(0, 100, warmup=10) == pytest.approx(0.1)
+    assert lr_factor(4, 100, warmup=10) == pytest.approx(0.5)
+    assert lr_factor(50, 100, decay="linear") == pytest.approx(0.5)
+    assert lr_factor(50, 100, decay="cosine") == pytest.approx(0.5)
+    assert lr_factor(25, 100, decay="cosine") == pytest.approx((1 + 2**-0.5) / 2)
+    assert lr_factor(4, 100, warmup=10, decay="linear") == pytest.approx(0.5 * 0.96)
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="step")
+
+
+def test_a_decayed_run_resumes_to_the_same_weights(tmp_path):
+    cache = make_cache(tmp_path / "c", n_tokens=2048, n_layers=2, d=16)
+    cfg = TrainConfig(
+        expansion_factor=2,
+        k=4,
+        batch_tokens=64,
+        lr=3e-3,
+        lr_warmup_tokens=256,
+        lr_decay="cosine",
+        checkpoint_every=384,
+        max_tokens=1024,
+    )
+    full = train(cfg, cache, tmp_path / "full", progress=False)
+    # the checkpoint written at 768 tokens (kept as .prev), as a killed run would leave it
+    (tmp_path / "part").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint.pt.prev", tmp_path / "part" / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["tokens_seen"] == 768
+    resumed = train(cfg, cache, tmp_path / "part", progress=False)
+    # a decayed run's schedule depends on its budget: a new budget starts afresh
+    train(replace(cfg, max_tokens=2048), cache, tmp_path / "part", progress=False)
+    assert (tmp_path / "part" / "checkpoint.stale.pt").exists()
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)

@@ -1,0 +1,66 @@
+r"""Standard errors by bootstrap over held-out contexts.
+
+Tokens of one context are correlated, so the unit of resampling is the context: every metric is
+accumulated as per-context sums, and one bootstrap replicate draws the contexts with replacement
+(multinomial counts :math:`w_c`, ``n_boot`` replicates, seeded) and recomputes the metric from
+the weighted sums. The standard error is the standard deviation of the replicates (ddof = 1).
+
+* A mean over predictions (delta CE, KL): :math:`\sum_c w_c s_c / \sum_c w_c n_c`.
+* FVU at a layer: :math:`\sum_c w_c E_c / (\sum_c w_c Q_c - \|\sum_c w_c S_c\|^2 / \sum_c w_c
+  N_c)` with, per context, :math:`E_c` the summed squared error, :math:`Q_c = \sum_t \|x_t\|^2`,
+  :math:`S_c = \sum_t x_t` and :math:`N_c` its token count: the per-dimension mean is
+  re-estimated in each replicate, so the replicate is exactly the FVU of the resampled set.
+
+The mean over layers is resampled jointly (the same contexts at every layer), so its standard
+error accounts for the correlation between layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+N_BOOT = 1000
+
+
+def weights(n_units: int, n_boot: int = N_BOOT, seed: int = 0) -> torch.Tensor:
+    """``(n_boot, n_units)`` float64 multinomial counts: each row resamples the units."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_units, (n_boot, n_units), generator=generator)
+    counts = torch.zeros(n_boot, n_units, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+
+
+def mean_replicates(sums: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Replicates ``(n_boot, layer)`` of ``sum sums / sum counts``.
+
+    Args:
+        sums: ``(unit, layer)`` per-context sums of the quantity.
+        counts: ``(unit,)`` per-context numbers of terms.
+        w: `weights` ``(n_boot, unit)``.
+    """
+    w = w.double()
+    return (w @ sums.double()) / (w @ counts.double())[:, None]
+
+
+def fvu_replicates(
+    sse: torch.Tensor, sq: torch.Tensor, sum_x: torch.Tensor, n: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """Replicates ``(n_boot, layer)`` of the FVU (module docstring).
+
+    Args:
+        sse: ``(unit, layer)`` summed squared reconstruction errors.
+        sq: ``(unit, layer)`` summed squared norms of the inputs.
+        sum_x: ``(unit, layer, d)`` summed inputs.
+        n: ``(unit,)`` tokens per unit.
+        w: `weights` ``(n_boot, unit)``.
+    """
+    w = w.double()
+    total_n = w @ n.double()  # (boot,)
+    s = torch.einsum("bu,uld->bld", w, sum_x.double())
+    total = w @ sq.double() - s.pow(2).sum(-1) / total_n[:, None]
+    return (w @ sse.double()) / total
+
+
+def standard_errors(replicates: torch.Tensor) -> tuple[list[float], float]:
+    """``(per-layer SE, SE of the mean over layers)`` of ``(n_boot, layer)`` replicates."""
+    return replicates.std(0).tolist(), replicates.mean(1).std().item()
