@@ -117,3 +117,17 @@ def write_json(path: Path, data: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=default))
+
+
+def power_law_fit(tokens, fvu) -> tuple[float, float]:
+    """Least-squares fit of ``fvu = a * tokens ** b`` in log-log space; returns ``(a, b)``."""
+    x = torch.log(torch.as_tensor(tokens, dtype=torch.float64))
+    y = torch.log(torch.as_tensor(fvu, dtype=torch.float64))
+    b = ((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum()
+    a = torch.exp(y.mean() - b * x.mean())
+    return a.item(), b.item()
+
+
+def tokens_to_reach(a: float, b: float, target: float) -> float:
+    """Tokens at which ``a * tokens ** b`` equals ``target`` (inf if the fit does not fall)."""
+    return (target / a) ** (1 / b) if b < 0 else float("inf")

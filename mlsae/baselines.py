@@ -37,8 +37,12 @@ def delta_ce_matrix(
     model: HookedTransformer,
     tokens: torch.Tensor,
     layers: list[int],
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train layer, eval layer)`` delta CE and KL (per predicted token) on ``tokens``."""
+    """``(train layer, eval layer)`` delta CE and KL (per predicted token) on ``tokens``.
+
+    ``bf16``: the forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`).
+    """
     from mlsae.activations import residual_stream
 
     resid = residual_stream(model, tokens)
@@ -46,7 +50,7 @@ def delta_ce_matrix(
     kl = torch.zeros_like(d_ce)
     for i, sae in enumerate(saes.values()):
         reconstruct: Callable = lambda x, layer, sae=sae: sae(x).recons  # noqa: E731
-        res = delta_ce_kl(model, tokens, reconstruct, layers, resid)
+        res = delta_ce_kl(model, tokens, reconstruct, layers, resid, bf16=bf16)
         d_ce[i] = res["delta_ce"][layers] / res["n"]
         kl[i] = res["kl"][layers] / res["n"]
     return d_ce, kl

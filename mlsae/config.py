@@ -86,6 +86,8 @@ class Lens:
     steps: int = 60
     batch_tokens: int = 128
     lr: float = 1e-3
+    lr_decay: str = "cosine"
+    """Step-size decay to 0 over ``steps`` (``none``, ``linear``, ``cosine``)."""
     lens_dir: str | None = None
     """Where to look for an existing lens (``lens/<model id>/``) when not training one.
 
@@ -104,6 +106,8 @@ class Eval:
     ce_contexts: int = 4
     """Held-out contexts (of ``data.context_length`` tokens) run through the model for delta CE
     and KL."""
+    ce_bf16: bool = False
+    """Run the delta-CE forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`)."""
 
 
 @dataclass
@@ -251,6 +255,10 @@ def validate(
             "train.source: cache."
         )
     _positive("lens.steps", p.lens.steps)
+    if p.lens.lr_decay not in LR_DECAYS:
+        raise ConfigError(
+            f"lens.lr_decay must be one of {', '.join(LR_DECAYS)}, got {p.lens.lr_decay!r}."
+        )
     _positive("lens.eval_tokens", p.lens.eval_tokens)
     _positive("eval.eval_tokens", p.eval.eval_tokens)
     if n_ctx is not None and p.data.context_length > n_ctx:

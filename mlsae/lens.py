@@ -255,6 +255,7 @@ def train_lens(
     weight_decay: float = 1e-3,
     progress: bool = True,
     bf16: bool = True,
+    lr_decay: str = "cosine",
 ) -> tuple[TunedLens, list[float]]:
     """Fit translators so each layer's lens matches the model's final next-token distribution.
 
@@ -263,9 +264,13 @@ def train_lens(
     bf16 units and on GPUs. Evaluation (`lens_kl_per_layer`) is float32.
 
     Minimises ``sum_i mean_t KL(p_final(t) || p_lens_i(t))`` (Belrose et al. 2023) over cached
-    residuals, Adam, zero-initialised translators; the model is frozen. Returns the lens and the
+    residuals, Adam, zero-initialised translators; the model is frozen. ``lr_decay``
+    (`mlsae.train.lr_factor`: ``none``, ``linear``, ``cosine``) takes the step size to 0 at the
+    last step, so the lens settles instead of ending on a noisy step. Returns the lens and the
     mean per-layer KL of each step.
     """
+    from mlsae.train import lr_factor
+
     if model.cfg.positional_embedding_type not in ("rotary", "alibi"):
         raise ValueError("train_lens reads embeddings from token ids; needs a rotary model.")
     d, n_layers = model.cfg.d_model, model.cfg.n_layers
@@ -294,6 +299,8 @@ def train_lens(
                     loss = loss + kl_from_final(fast, final, h).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in opt.param_groups:
+                    group["lr"] = lr * lr_factor(step, steps, decay=lr_decay)
                 opt.step()
                 history.append(loss.item() / n_layers)
                 step += 1

@@ -178,6 +178,7 @@ def train_and_evaluate(
     ce_contexts: int,
     lens=None,
     progress: bool = True,
+    ce_bf16: bool = False,
 ) -> dict:
     """Train (or resume) a run, evaluate it on held-out data, write ``run_dir/metrics.json``.
 
@@ -207,6 +208,7 @@ def train_and_evaluate(
         vectors=vectors,
         latent_stats=latent_stats,
         vector_contexts=test_cache.context_ids(),
+        ce_bf16=ce_bf16,
     )
     result["config"] = {k: v for k, v in vars(cfg).items() if k != "extra"} | cfg.extra
     result["tokens_trained"] = load_checkpoint(run_dir / "checkpoint.pt")["tokens_seen"]
@@ -305,6 +307,7 @@ def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | P
         eval_tokens=params.eval.eval_tokens,
         ce_contexts=params.eval.ce_contexts,
         lens=lens,
+        ce_bf16=params.eval.ce_bf16,
     )
     results = out_dir / "results" / "runs"
     results.mkdir(parents=True, exist_ok=True)
@@ -377,7 +380,7 @@ def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -
     test_cache = ActivationCache(paths["test"])
     fvu = fvu_matrix(saes, test_cache, layers, params.eval.eval_tokens)
     tokens = test_cache.contexts()[: params.analysis.baseline_ce_contexts]
-    d_ce, kl = delta_ce_matrix(saes, model, tokens, layers)
+    d_ce, kl = delta_ce_matrix(saes, model, tokens, layers, bf16=params.eval.ce_bf16)
     result = {
         "layers": layers,
         "rows": [f"single layer {ly}" for ly in layers] + [f"MLSAE {run}"],

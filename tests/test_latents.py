@@ -182,3 +182,13 @@ def test_variance_ratio_paper_equals_the_original_formula():
         ratios.append(paper_variance_ratio_transcribed(dense_latents(values, indices, 40)))
     expected = 1 / torch.stack(ratios).mean().item()
     assert stats.compute()["summary"]["variance_ratio_paper"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_power_law_fit_recovers_an_exact_power_law():
+    from mlsae.analysis import power_law_fit, tokens_to_reach
+
+    tokens = [1e3, 2e3, 5e3, 1e4, 4e4]
+    a, b = power_law_fit(tokens, [2.0 * t**-0.25 for t in tokens])
+    assert a == pytest.approx(2.0) and b == pytest.approx(-0.25)
+    assert tokens_to_reach(2.0, -0.25, 2.0 * 1e6**-0.25) == pytest.approx(1e6)
+    assert tokens_to_reach(2.0, 0.1, 0.5) == float("inf")

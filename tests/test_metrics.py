@@ -242,3 +242,17 @@ def test_sweep_differences_compare_steps_with_their_noise():
     assert fvu["metric"] == "fvu" and fvu["difference"] == pytest.approx(-0.05)
     assert fvu["se"] == pytest.approx(0.01 * 2**0.5) and not fvu["within_noise"]
     assert ce["metric"] == "delta_ce" and ce["within_noise"]  # 0.02 < 2 x 0.0707
+
+
+def test_delta_ce_in_bf16_is_close_to_fp32_and_really_bf16(tiny_model):
+    from mlsae.metrics import delta_ce_kl
+
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
+
+    def noisy(x, layer):
+        return x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(layer))
+
+    a = delta_ce_kl(tiny_model, tokens, noisy)
+    b = delta_ce_kl(tiny_model, tokens, noisy, bf16=True)
+    assert not torch.equal(a["delta_ce"], b["delta_ce"])  # the autocast took effect
+    torch.testing.assert_close(b["delta_ce"] / b["n"], a["delta_ce"] / a["n"], atol=0.05, rtol=0.05)
