@@ -28,6 +28,9 @@ def write_params(path: Path, cache_root: Path, grad_accum: int) -> Path:
     )
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def run(cmd, cwd, extra_env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -41,17 +44,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     two = write_params(tmp_path / "two.yaml", root, grad_accum=1)
     base = [sys.executable, "-m", "mlsae", "train", "r4-k4", "--no-progress"]
     run([*base, "--params", str(one), "--run-dir", str(tmp_path / "single")], tmp_path)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
     run(
         [
-            *torchrun,
+            *TORCHRUN,
             "-m",
             "mlsae",
             "train",
@@ -116,15 +111,7 @@ def test_two_gloo_processes_on_the_stream_match_one_process_reading_both_parts(
     params = config.load(one)
     source = Interleaved(pipeline.training_source(params, tmp_path), 2)
     train(pipeline.train_config(params, "r4-k4"), source, tmp_path / "single", progress=False)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    cmd = [*torchrun, "-m", "mlsae", "train", "r4-k4", "--no-progress", "--params", str(two)]
+    cmd = [*TORCHRUN, "-m", "mlsae", "train", "r4-k4", "--no-progress", "--params", str(two)]
     run([*cmd, "--run-dir", str(tmp_path / "ddp")], tmp_path, env)
     a = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
