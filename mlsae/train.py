@@ -289,8 +289,9 @@ def train(
             losses = torch.zeros(2, device=cfg.device)  # summed FVU and AuxK of the micro-batches
             for a in range(cfg.grad_accum):
                 x = next(micro, None)
-                if x is None or x.shape[1] < cfg.batch_tokens:
-                    # An incomplete step is dropped (a 1-token single-layer batch has no variance).
+                # An incomplete step is dropped (a 1-token single-layer batch has no variance);
+                # every rank stops together, since ranks' parts of a stream may differ in length.
+                if _any_rank(x is None or x.shape[1] < cfg.batch_tokens, cfg.device):
                     raise _EndOfData
                 x = x.to(cfg.device)  # (layer, token, d_model)
                 if _any_rank(not torch.isfinite(x).all(), cfg.device):
