@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup browser test test-fast lint format repro bench clean-venv
+.PHONY: setup browser test test-fast lint format repro verify bench clean-venv
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ format: setup
 
 repro: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(DVC_ARGS)
+
+# Regenerated results against the committed ones, within tolerance (names what moved).
+verify: setup
+	$(BIN)/python -m mlsae verify
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py --quality

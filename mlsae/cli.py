@@ -1,4 +1,7 @@
-"""Command line: ``python -m mlsae train RUN`` trains one sweep entry of a params file.
+"""Command line: ``python -m mlsae train RUN`` and ``python -m mlsae verify``.
+
+``train`` trains one sweep entry of a params file; ``verify`` compares regenerated results with
+the committed ones (`mlsae.verify`).
 
 Under ``torchrun --nproc_per_node N -m mlsae train RUN`` the run is data-parallel over N
 processes. The source (cache or stream) and every setting come from the params file.
@@ -30,6 +33,19 @@ def train_command(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+def verify_command(args: argparse.Namespace) -> None:
+    """Print what moved beyond the tolerance; exit 1 if anything did."""
+    from mlsae.verify import verify
+
+    changes = verify(args.root, args.rev, args.rtol, args.atol)
+    print(
+        "\n".join(changes)
+        or f"results agree with {args.rev} within rtol {args.rtol}, atol {args.atol}"
+    )
+    if changes:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and run the command."""
     parser = argparse.ArgumentParser(prog="python -m mlsae", description=__doc__)
@@ -41,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", default=None, help="checkpoint folder (default: the run's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=train_command)
+    v = commands.add_parser("verify", help="compare results/ with a git revision, within tolerance")
+    v.add_argument("--root", default=".")
+    v.add_argument("--rev", default="HEAD")
+    v.add_argument("--rtol", type=float, default=0.02)
+    v.add_argument("--atol", type=float, default=0.005)
+    v.set_defaults(func=verify_command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     args.func(args)

@@ -1,0 +1,15 @@
+"""`mlsae.verify`: numbers compared within a tolerance, differences named by their path."""
+
+from mlsae.verify import moved
+
+
+def test_moved_names_what_changed_beyond_the_tolerance():
+    old = {"mean": {"fvu": 0.325, "l1": 52.6}, "per_layer": [0.1, 0.2], "model": "smollm2-135m"}
+    new = {"mean": {"fvu": 0.327, "l1": 55.0}, "per_layer": [0.1, 0.3], "model": "smollm2-135m"}
+    out = moved(old, new)
+    # 0.325 -> 0.327 is within 2% + 0.005; 52.6 -> 55 (4.6%) and 0.2 -> 0.3 are not
+    assert out == ["mean.l1: 52.6 -> 55", "per_layer[1]: 0.2 -> 0.3"]
+    assert moved(old, old) == []
+    assert moved({"a": [1, 2]}, {"a": [1]}) == ["a: length 2 -> 1"]
+    assert moved({"a": "x"}, {"a": "y", "b": 1}) == ["b: only in one of them", "a: 'x' -> 'y'"]
+    assert moved({"a": float("nan")}, {"a": float("nan")}) == []
