@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from transformer_lens import HookedTransformer
@@ -46,13 +47,15 @@ def build_caches(params, model: HookedTransformer, out_dir: str | Path = ".") ->
     for split, docs in (("test", test_docs), ("train", train_docs)):
         path = paths[split]
         if split == "train" and params.train.source == "stream":
-            path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(path, ignore_errors=True)  # a manifest, not a cache with stale shards
+            path.mkdir(parents=True)
             (path / "meta.json").write_text(json.dumps({"source": "stream", **wanted[split]}))
             out[split] = {"source": "stream", **wanted[split]}
             continue
         if (path / "meta.json").exists():
             old = json.loads((path / "meta.json").read_text())
-            if all(old.get(k) == v for k, v in wanted[split].items()):
+            same = all(old.get(k) == v for k, v in wanted[split].items())
+            if same and old.get("source") != "stream":
                 out[split] = old
                 continue
             logger.info("Rebuilding %s: its metadata differs from %s", path, wanted[split])

@@ -198,9 +198,13 @@ def test_build_caches_records_tokens_per_label_and_writes_a_stream_manifest(tmp_
     assert manifest["source"] == "stream"
     with pytest.raises(FileNotFoundError, match="train.source: stream"):
         ActivationCache(tmp_path / "cache/activations/train")
+    assert not list((tmp_path / "cache/activations/train").glob("*.npy"))  # no stale shards
     raw["train"]["source"] = "cache"
     with pytest.raises(config.ConfigError, match="train.source is 'cache' but there is no"):
         training_source(config.from_dict(raw), tmp_path, model)
+    # switching back builds a real cache over the manifest
+    metas = build_caches(config.from_dict(raw), model, tmp_path)
+    assert metas["train"]["n_tokens"] > 0 and training_source(config.from_dict(raw), tmp_path)
 
 
 def test_epochs_repeat_the_source_in_a_new_order_and_resume_across_them(tmp_path):
