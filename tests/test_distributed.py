@@ -31,9 +31,9 @@ def write_params(path: Path, cache_root: Path, grad_accum: int) -> Path:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run(cmd, cwd, extra_env=None):
+def run(cmd, cwd, extra_env=None, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
@@ -121,3 +121,17 @@ def test_two_gloo_processes_on_the_stream_match_one_process_reading_both_parts(
     rows_a, rows_b = (read_log(tmp_path / d) for d in ("single", "ddp"))
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert rb["fvu"] == pytest.approx(ra["fvu"], rel=1e-5)
+
+
+def test_two_ranks_stop_together_when_the_stream_ends_before_the_budget(tmp_path, tiny_pythia):
+    """The ranks' parts of a short stream differ in length; both stop at the same step."""
+    from conftest import write_stream_params, write_text_corpus
+
+    _, env = tiny_pythia
+    corpus = write_text_corpus(tmp_path / "corpus", n_docs=12)
+    kw = {"batch_tokens": 32, "dead_tokens": 128, "shuffle_tokens": 96, "grad_accum": 1}
+    params = write_stream_params(tmp_path / "p.yaml", tmp_path, corpus, "r4-k4", 100_000, **kw)
+    cmd = [*TORCHRUN, "-m", "mlsae", "train", "r4-k4", "--no-progress", "--params", str(params)]
+    run([*cmd, "--run-dir", str(tmp_path / "ddp")], tmp_path, env, timeout=180)  # or it hangs
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    assert 0 < state["tokens_seen"] < 100_000 and state["tokens_seen"] % 64 == 0
