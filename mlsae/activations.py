@@ -32,11 +32,6 @@ from mlsae.models import special_token_ids
 logger = logging.getLogger(__name__)
 
 
-def resid_hook_names(n_layers: int) -> list[str]:
-    """Hook names of the residual stream after each block."""
-    return [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
-
-
 @torch.no_grad()
 def residual_stream(
     model: HookedTransformer, tokens: torch.Tensor, layers: list[int] | None = None
@@ -85,6 +80,22 @@ def special_mask(tokens: torch.Tensor, special_ids: Iterable[int]) -> torch.Tens
     return torch.isin(tokens, ids)
 
 
+def kept_residuals(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    specials: Iterable[int],
+    layers: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(residuals (layer, kept token, d_model), keep mask (batch, pos))`` of ``tokens``.
+
+    The residuals of the positions that hold no special token (BOS/EOS/PAD), at every block's
+    output or at ``layers`` (`residual_stream`).
+    """
+    keep = ~special_mask(tokens, specials)
+    resid = residual_stream(model, tokens, layers)
+    return resid[:, keep.to(resid.device)], keep
+
+
 class ResidualChunk(NamedTuple):
     """Residual vectors of the non-special tokens of one batch of contexts."""
 
@@ -111,9 +122,8 @@ def iter_residuals(
     bar = tqdm(total=max_tokens, unit="tok", desc="residuals", disable=not progress)
     batches = token_batches(docs, model.tokenizer, context_length, batch_size, max_tokens)
     for tokens in batches:
-        acts = residual_stream(model, tokens)
-        keep = ~special_mask(tokens, specials).to(acts.device)
-        yield ResidualChunk(acts[:, keep], tokens.to(acts.device)[keep])
+        acts, keep = kept_residuals(model, tokens, specials)
+        yield ResidualChunk(acts, tokens[keep].to(acts.device))
         bar.update(tokens.numel())
     bar.close()
 
@@ -171,8 +181,7 @@ class ActivationCache:
         for i in range(0, len(contexts), batch_size):
             batch = contexts[i : i + batch_size]
             tokens = torch.stack([c.tokens for c in batch])
-            keep = ~special_mask(tokens, specials)
-            resid = residual_stream(model, tokens)[:, keep.to(model.cfg.device)]
+            resid, keep = kept_residuals(model, tokens, specials)
             acts = to_float16(resid, f"batch {i // batch_size} while building {path}")
             docs = torch.stack([c.docs for c in batch])[keep].numpy().astype(np.int32)
             name = f"shard_{i // batch_size:05d}"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import ActivationCache, residual_stream, special_mask, to_float16
+from mlsae.activations import ActivationCache, kept_residuals, special_mask, to_float16
 from mlsae.data import shuffle_corpus, special_ids, token_contexts
 from mlsae.models import special_token_ids
 
@@ -137,12 +137,10 @@ class ModelStream:
 
     def residuals(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(layer, kept token, d_model)`` float16 residuals of the non-special positions."""
-        device = self.model.cfg.device
-        keep = ~special_mask(tokens, self.specials)
-        dev = torch.device(device).type
-        with torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None):
-            resid = residual_stream(self.model, tokens, self.layers)
-        return to_float16(resid[:, keep.to(resid.device)], "the training stream")
+        device_type = torch.device(self.model.cfg.device).type
+        with torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            resid, _ = kept_residuals(self.model, tokens, self.specials, self.layers)
+        return to_float16(resid, "the training stream")
 
     def chunks(self, epoch: int = 0, seed: int = 0) -> Iterator[Chunk]:
         """One chunk per batch of contexts; the forward runs on `Chunk.get`.
