@@ -211,6 +211,11 @@ def load(path: str | Path = "params.yaml") -> Params:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
+def _one_of(key: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}.")
+
+
 def _positive(key: str, value) -> None:
     if value is not None and value <= 0:
         raise ConfigError(f"{key} must be positive, got {value}.")
@@ -230,19 +235,9 @@ def validate(
     _positive("train.epochs", p.train.epochs)
     if p.train.lr_warmup_tokens < 0:
         raise ConfigError(f"train.lr_warmup_tokens must be >= 0, got {p.train.lr_warmup_tokens}.")
-    if p.train.lr_decay not in LR_DECAYS:
-        raise ConfigError(
-            f"train.lr_decay must be one of {', '.join(LR_DECAYS)}, got {p.train.lr_decay!r}."
-        )
-    if p.train.source not in SOURCES:
-        raise ConfigError(
-            f"train.source must be one of {', '.join(SOURCES)}, got {p.train.source!r}."
-        )
-    if p.train.stream_autocast not in AUTOCAST:
-        raise ConfigError(
-            f"train.stream_autocast must be one of {', '.join(AUTOCAST)}, "
-            f"got {p.train.stream_autocast!r}."
-        )
+    _one_of("train.lr_decay", p.train.lr_decay, LR_DECAYS)
+    _one_of("train.source", p.train.source, SOURCES)
+    _one_of("train.stream_autocast", p.train.stream_autocast, AUTOCAST)
     if p.train.shuffle_tokens < 0 or 0 < p.train.shuffle_tokens < p.train.batch_tokens:
         raise ConfigError(
             f"train.shuffle_tokens = {p.train.shuffle_tokens} is smaller than one batch "
@@ -255,10 +250,7 @@ def validate(
             "train.source: cache."
         )
     _positive("lens.steps", p.lens.steps)
-    if p.lens.lr_decay not in LR_DECAYS:
-        raise ConfigError(
-            f"lens.lr_decay must be one of {', '.join(LR_DECAYS)}, got {p.lens.lr_decay!r}."
-        )
+    _one_of("lens.lr_decay", p.lens.lr_decay, LR_DECAYS)
     _positive("lens.eval_tokens", p.lens.eval_tokens)
     _positive("eval.eval_tokens", p.eval.eval_tokens)
     if n_ctx is not None and p.data.context_length > n_ctx:

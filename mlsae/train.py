@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlsae.activations import ActivationCache
+from mlsae.config import LR_DECAYS
 from mlsae.sae import MLSAE
 from mlsae.sources import CacheSource, TrainingSource, block_size
 
@@ -91,9 +92,6 @@ class TrainConfig:
         block_size(self.batch_tokens, self.shuffle_tokens)  # a buffer smaller than a batch raises
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}.")
-
-
-LR_DECAYS = ("none", "linear", "cosine")
 
 
 def lr_factor(tokens: int, budget: int, warmup: int = 0, decay: str = "none") -> float:
