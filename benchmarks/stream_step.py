@@ -67,8 +67,8 @@ class RandomTokenStream(ModelStream):
     def __init__(self, model, context_length, batch_contexts, seed=0, **kw):
         super().__init__(model, [], context_length, batch_contexts, seed=seed, **kw)
 
-    def token_batches(self):
-        generator = torch.Generator().manual_seed(self.seed)
+    def token_batches(self, epoch: int = 0):
+        generator = torch.Generator().manual_seed(self.seed + 7919 * epoch)
         shape = (self.batch_contexts, self.context_length)
         while True:
             tokens = torch.randint(4, self.model.cfg.d_vocab, shape, generator=generator)

@@ -6,7 +6,6 @@ lens when the run has one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +24,20 @@ PROMPTS = (
 )
 
 
-def lens_twin(params, run: str) -> str | None:
-    """The sweep entry with ``run``'s R and k and the lens switched on (None if absent)."""
-    ref = params.sweep[run]
-    for name, entry in params.sweep.items():
-        same = entry.expansion_factor == ref.expansion_factor and entry.k == ref.k
-        if same and entry.lens and entry.train_tokens == ref.train_tokens:
-            return name
-    return None
-
-
 def load_run(params, run: str, out_dir: str | Path = "."):
     """``(sae, lens or None)`` of a trained sweep entry."""
-    from mlsae.pipeline import run_lens
+    from mlsae.pipeline import run_dir, run_lens
     from mlsae.train import load_sae
 
-    out_dir = Path(out_dir)
-    sae = load_sae(out_dir / params.base.cache_dir / "runs" / run / "checkpoint.pt").eval()
+    sae = load_sae(run_dir(params, run, out_dir) / "checkpoint.pt").eval()
     return sae, run_lens(params, run, out_dir, "cpu")[0]
 
 
 def load_latent_stats(params, run: str, out_dir: str | Path = ".") -> LayerStats:
     """The latent statistics that evaluating sweep entry ``run`` wrote (held-out test cache)."""
-    return LayerStats.load(Path(out_dir) / params.base.cache_dir / "runs" / run / "latent_stats.pt")
+    from mlsae.pipeline import latent_stats_path
+
+    return LayerStats.load(latent_stats_path(params, run, out_dir))
 
 
 @torch.no_grad()
@@ -105,18 +95,6 @@ def decoder_summary(sae: MLSAE) -> dict:
         "cos_hist": hist.hist.tolist(),
         "cos_bins": hist.bin_edges.tolist(),
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON, turning tensors into lists."""
-
-    def default(o):
-        if isinstance(o, torch.Tensor | np.ndarray):
-            return o.tolist()
-        raise TypeError(type(o))
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=default))
 
 
 def power_law_fit(tokens, fvu) -> tuple[float, float]:

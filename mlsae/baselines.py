@@ -38,19 +38,23 @@ def delta_ce_matrix(
     tokens: torch.Tensor,
     layers: list[int],
     bf16: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(train layer, eval layer)`` delta CE and KL (per predicted token) on ``tokens``.
 
-    ``bf16``: the forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`).
+    Returns ``(delta_ce, kl, n)``, ``n`` the predictions averaged over (positions whose input or
+    target is a special token excluded, as in `mlsae.metrics.delta_ce_kl`). ``bf16``: the
+    forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`).
     """
     from mlsae.activations import residual_stream
 
     resid = residual_stream(model, tokens)
     d_ce = torch.zeros(len(saes), len(layers), dtype=torch.float64)
     kl = torch.zeros_like(d_ce)
+    n = 0
     for i, sae in enumerate(saes.values()):
         reconstruct: Callable = lambda x, layer, sae=sae: sae(x).recons  # noqa: E731
         res = delta_ce_kl(model, tokens, reconstruct, layers, resid, bf16=bf16)
         d_ce[i] = res["delta_ce"][layers] / res["n"]
         kl[i] = res["kl"][layers] / res["n"]
-    return d_ce, kl
+        n = int(res["n"])
+    return d_ce, kl, n

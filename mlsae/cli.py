@@ -1,7 +1,8 @@
-"""Command line: ``python -m mlsae train RUN`` and ``python -m mlsae verify``.
+"""Command line: ``python -m mlsae train RUN``, ``verify`` and ``preset FILE``.
 
 ``train`` trains one sweep entry of a params file; ``verify`` compares regenerated results with
-the committed ones (`mlsae.verify`).
+the committed ones (`mlsae.verify`); ``preset`` prints the ``dvc exp run -S`` arguments that
+switch params.yaml to a preset file (`mlsae.presets`).
 
 Under ``torchrun --nproc_per_node N -m mlsae train RUN`` the run is data-parallel over N
 processes. The source (cache or stream) and every setting come from the params file.
@@ -46,6 +47,14 @@ def verify_command(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def preset_command(args: argparse.Namespace) -> None:
+    """Print the -S arguments for ``dvc exp run``."""
+    from mlsae.presets import preset_arguments
+
+    config.load(args.preset)  # a preset with a typo fails here, not halfway through a run
+    print(preset_arguments(args.params, args.preset))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and run the command."""
     parser = argparse.ArgumentParser(prog="python -m mlsae", description=__doc__)
@@ -63,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--rtol", type=float, default=0.02)
     v.add_argument("--atol", type=float, default=0.005)
     v.set_defaults(func=verify_command)
+    s = commands.add_parser("preset", help="print dvc exp run -S arguments for a preset file")
+    s.add_argument("preset", help="a params file, e.g. params-paper.yaml")
+    s.add_argument("--params", default="params.yaml", help="the params file DVC edits")
+    s.set_defaults(func=preset_command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     args.func(args)

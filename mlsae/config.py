@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 SOURCES = ("cache", "stream")
 AUTOCAST = ("bfloat16", "float16", "none")
 LR_DECAYS = ("none", "linear", "cosine")
+LENS_INITS = ("regression", "identity")
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Train:
 
     lr: float = 1e-3
     adam_eps: float = 6.25e-10
-    batch_tokens: int = 128
+    batch_tokens: int = 64
     aux_coef: float = 1 / 32
     k_aux: int | None = None
     dead_tokens: int = 5000
@@ -83,11 +84,16 @@ class Lens:
     """Tuned lens: train one, or load a published one from ``lens_dir``/the hub."""
 
     train: bool = True
-    steps: int = 60
+    steps: int = 40
     batch_tokens: int = 128
     lr: float = 1e-3
-    lr_decay: str = "cosine"
+    lr_decay: str = "none"
     """Step-size decay to 0 over ``steps`` (``none``, ``linear``, ``cosine``)."""
+    init: str = "regression"
+    """``regression``: start from the least-squares map to the last layer (`mlsae.lens`);
+    ``identity``: start from x' = x (Belrose et al.)."""
+    max_condition: float = 100.0
+    """Cap on cond(I + W) of each translator (singular values clipped after every step)."""
     lens_dir: str | None = None
     """Where to look for an existing lens (``lens/<model id>/``) when not training one.
 
@@ -106,7 +112,7 @@ class Eval:
     ce_contexts: int = 4
     """Held-out contexts (of ``data.context_length`` tokens) run through the model for delta CE
     and KL."""
-    ce_bf16: bool = False
+    ce_bf16: bool = True
     """Run the delta-CE forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`)."""
 
 
@@ -117,21 +123,24 @@ class Analysis:
     drift_tokens: int = 4096
     baseline_run: str = "r8-k32"
     """Sweep entry whose size and budget the single-layer baselines copy."""
-    baseline_layers: list[int] = field(default_factory=lambda: [0, 6, 12, 18, 24, 29])
+    baseline_layers: list[int] = field(default_factory=lambda: [0, 10, 20, 29])
     """Layers with a single-layer SAE (train layer x eval layer matrices over these)."""
     baseline_ce_contexts: int = 4
     """Contexts of held-out text for the delta-CE matrix."""
+    lens_run: str | None = None
+    """The ``lens_sweep`` entry analysed beside ``baseline_run`` through the lens (null: none)."""
 
 
 @dataclass
 class Run:
-    """One sweep entry."""
+    """One sweep entry (``sweep.<name>`` or ``lens_sweep.<name>``)."""
 
     expansion_factor: float = 8
     k: int = 32
-    lens: bool = False
     train_tokens: int | None = None
     """Training budget of this run (None: data.train_tokens)."""
+    lens: bool = False
+    """Set by the loader: True for ``lens_sweep`` entries (not a key of params.yaml)."""
 
 
 @dataclass
@@ -145,6 +154,9 @@ class Params:
     eval: Eval = field(default_factory=Eval)
     analysis: Analysis = field(default_factory=Analysis)
     sweep: dict[str, Run] = field(default_factory=lambda: {"r8-k32": Run()})
+    """Every run: params.yaml's ``sweep`` (raw residuals) and ``lens_sweep`` (through the tuned
+    lens) together; the two are separate in the file so that only the lens runs' DVC stages
+    depend on the lens."""
 
 
 def _check_type(value, annotation, key: str):
@@ -194,13 +206,33 @@ def from_dict(raw: dict) -> Params:
     """Validate a params mapping; raises `ConfigError` naming the first problem."""
     raw = dict(raw or {})
     sweep_raw = raw.pop("sweep", None)
+    lens_raw = raw.pop("lens_sweep", None) or {}
     params = _build(Params, raw, "")
     if sweep_raw is not None:
         if not isinstance(sweep_raw, dict) or not sweep_raw:
             raise ConfigError("sweep: expected a non-empty mapping of run name -> settings.")
-        params.sweep = {name: _build(Run, r, f"sweep.{name}") for name, r in sweep_raw.items()}
+        params.sweep = {name: _run(r, f"sweep.{name}", False) for name, r in sweep_raw.items()}
+    if not isinstance(lens_raw, dict):
+        raise ConfigError("lens_sweep: expected a mapping of run name -> settings.")
+    for name, r in lens_raw.items():
+        if name in params.sweep:
+            raise ConfigError(
+                f"lens_sweep.{name}: the name is also a sweep entry; runs need names of their own."
+            )
+        params.sweep[name] = _run(r, f"lens_sweep.{name}", True)
     validate(params)
     return params
+
+
+def _run(raw, key: str, lens: bool) -> Run:
+    if isinstance(raw, dict) and "lens" in raw:
+        raise ConfigError(
+            f"{key}.lens: runs through the tuned lens go under lens_sweep, the others under sweep "
+            "(no 'lens' key): only the lens runs' stages then depend on the lens."
+        )
+    run = _build(Run, raw, key)
+    run.lens = lens
+    return run
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -250,6 +282,9 @@ def validate(
             "train.source: cache."
         )
     _positive("lens.steps", p.lens.steps)
+    _one_of("lens.init", p.lens.init, LENS_INITS)
+    if not p.lens.max_condition >= 1:
+        raise ConfigError(f"lens.max_condition must be at least 1, got {p.lens.max_condition}.")
     _one_of("lens.lr_decay", p.lens.lr_decay, LR_DECAYS)
     _positive("lens.eval_tokens", p.lens.eval_tokens)
     _positive("eval.eval_tokens", p.eval.eval_tokens)
@@ -261,6 +296,13 @@ def validate(
         raise ConfigError(
             f"analysis.baseline_run {p.analysis.baseline_run!r} is not a sweep entry "
             f"({', '.join(p.sweep)})."
+        )
+    lens_run = p.analysis.lens_run
+    if lens_run is not None and not (lens_run in p.sweep and p.sweep[lens_run].lens):
+        runs = [name for name, run in p.sweep.items() if run.lens]
+        raise ConfigError(
+            f"analysis.lens_run {lens_run!r} is not a lens_sweep entry ({', '.join(runs) or 'none'}"
+            "); name one, or null for no lens analysis."
         )
     if n_layers is not None:
         bad = [ly for ly in p.analysis.baseline_layers if not 0 <= ly < n_layers]
@@ -281,8 +323,8 @@ def validate(
                 else "lens.lens_dir is not set"
             )
             raise ConfigError(
-                f"sweep.{with_lens[0]} asks for a tuned lens and lens.train is false, but no lens "
-                f"is available for {model!r}: none is published for it and {where}. Set "
+                f"lens_sweep.{with_lens[0]} asks for a tuned lens and lens.train is false, but no "
+                f"lens is available for {model!r}: none is published for it and {where}. Set "
                 "lens.train: true to train one, or lens.lens_dir to a folder holding one."
             )
     for name, run in p.sweep.items():

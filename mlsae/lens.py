@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 from mlsae.activations import take_tokens
@@ -246,6 +246,82 @@ def _lens_inputs(
     return inputs, final
 
 
+@torch.no_grad()
+def regression_lens(
+    model: HookedTransformer,
+    cache,
+    max_tokens: int = 16384,
+    ridge: float = 1e-3,
+    max_condition: float = 100.0,
+) -> TunedLens:
+    """A lens whose translators are least-squares maps from each block's input to the last output.
+
+    Translator ``i`` maps ``x`` (the input of block ``i``, a row) to ``x (I + W_i^T) + b_i``; this
+    fits ``M_i = I + W_i^T`` and ``b_i`` to minimise ``sum_t ||h_L(t) - x_i(t) M_i - b_i||^2``
+    over ``max_tokens`` cached training tokens (h_L: the last block's output, which the model
+    unembeds), by the normal equations on centred data in float64 with a ridge of ``ridge`` times
+    the mean diagonal of the covariance, then capped at condition number ``max_condition``
+    (`cap_condition`). This is the linear shortcut of Din et al. (2023), used here as the
+    starting point of `train_lens` (``init="regression"``): the KL objective then starts from a
+    map that already carries each layer towards the last one instead of from the identity.
+    Measured on SmolLM2 / Brown (512 held-out tokens, mean over 29 layers): KL 14.9 nats for the
+    identity (logit lens), 2.14 for the uncapped fit (cond up to 5.7e5), 2.24 capped at 100; 60
+    KL steps from the identity at lr 1e-3 reach 4.55, at 3e-3 4.55 as well, and are still falling.
+    """
+    d, n_layers = model.cfg.d_model, model.cfg.n_layers
+    n = 0
+    sx = torch.zeros(n_layers, d, dtype=torch.float64)
+    sy = torch.zeros(d, dtype=torch.float64)
+    sxx = torch.zeros(n_layers, d, d, dtype=torch.float64)
+    sxy = torch.zeros(n_layers, d, d, dtype=torch.float64)
+    for shard in range(len(cache)):
+        if n >= max_tokens:
+            break
+        take = min(max_tokens - n, cache.shard(shard).shape[1])
+        acts = torch.from_numpy(cache.shard(shard)[:, :take].astype("float32"))
+        toks = torch.from_numpy(cache.tokens(shard)[:take])
+        embed = model.embed(toks.long().to(model.cfg.device))[None].cpu()
+        x = torch.cat([embed.to(acts.dtype), acts[:-1]]).double()  # (n_layers, t, d)
+        y = acts[-1].double()
+        sx += x.sum(1)
+        sy += y.sum(0)
+        sxx += x.transpose(1, 2) @ x
+        sxy += x.transpose(1, 2) @ y
+        n += take
+    if n < 2 * d:
+        raise ValueError(f"regression_lens needs at least {2 * d} tokens, the cache has {n}.")
+    mx, my = sx / n, sy / n
+    cov = sxx / n - mx[:, :, None] * mx[:, None, :]
+    cross = sxy / n - mx[:, :, None] * my[None, None, :]
+    lens = TunedLens(d, n_layers, model.cfg.model_name)
+    eye = torch.eye(d, dtype=torch.float64)
+    for i in range(n_layers):
+        reg = ridge * cov[i].diagonal().mean() * eye
+        m = torch.linalg.solve(cov[i] + reg, cross[i])  # (d, d): x_c M ~ y_c
+        lens.translators[i].weight.copy_((m - eye).T.float())
+        lens.translators[i].bias.copy_((my - mx[i] @ m).float())
+    cap_condition(lens, max_condition)
+    return lens.to(model.cfg.device)
+
+
+@torch.no_grad()
+def cap_condition(lens: TunedLens, max_condition: float) -> TunedLens:
+    """Clip each translator's ``I + W`` to condition number ``max_condition``, in place.
+
+    Singular values below ``s_max / max_condition`` are raised to it (``I + W = U S V^T``): the
+    closest matrix in spectral norm with that condition number. A least-squares map to the last
+    layer nearly collapses directions the unembedding ignores; the SAE's inverse
+    ``(I + W)^{-1}`` would multiply its reconstruction errors along them by up to cond(I + W).
+    """
+    for t in lens.translators:
+        eye = torch.eye(lens.d_model, dtype=torch.float64, device=t.weight.device)
+        u, sv, vh = torch.linalg.svd(eye + t.weight.double())
+        sv = sv.clamp_min(sv.max() / max_condition)
+        t.weight.copy_(((u * sv) @ vh - eye).to(t.weight.dtype))
+    lens.clear_cache()
+    return lens
+
+
 def train_lens(
     model: HookedTransformer,
     cache,
@@ -256,6 +332,9 @@ def train_lens(
     progress: bool = True,
     bf16: bool = True,
     lr_decay: str = "cosine",
+    init: str = "identity",
+    init_tokens: int = 16384,
+    max_condition: float | None = None,
 ) -> tuple[TunedLens, list[float]]:
     """Fit translators so each layer's lens matches the model's final next-token distribution.
 
@@ -264,7 +343,10 @@ def train_lens(
     bf16 units and on GPUs. Evaluation (`lens_kl_per_layer`) is float32.
 
     Minimises ``sum_i mean_t KL(p_final(t) || p_lens_i(t))`` (Belrose et al. 2023) over cached
-    residuals, Adam, zero-initialised translators; the model is frozen. ``lr_decay``
+    residuals with Adam; the model is frozen. ``init``: ``identity`` starts from zero translators
+    (Belrose et al.), ``regression`` from `regression_lens` on ``init_tokens`` training tokens.
+    ``max_condition``: cap cond(I + W) of every translator at the start (regression) and after
+    the last step (`cap_condition`; None: no cap). ``lr_decay``
     (`mlsae.train.lr_factor`: ``none``, ``linear``, ``cosine``) takes the step size to 0 at the
     last step, so the lens settles instead of ending on a noisy step. Returns the lens and the
     mean per-layer KL of each step.
@@ -274,7 +356,12 @@ def train_lens(
     if model.cfg.positional_embedding_type not in ("rotary", "alibi"):
         raise ValueError("train_lens reads embeddings from token ids; needs a rotary model.")
     d, n_layers = model.cfg.d_model, model.cfg.n_layers
-    lens = TunedLens(d, n_layers, model.cfg.model_name).to(model.cfg.device)
+    if init == "regression":
+        lens = regression_lens(model, cache, init_tokens, max_condition=max_condition or 1e6)
+    elif init == "identity":
+        lens = TunedLens(d, n_layers, model.cfg.model_name).to(model.cfg.device)
+    else:
+        raise ValueError(f"lens init must be 'identity' or 'regression', not {init!r}.")
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(lens.parameters(), lr=lr, weight_decay=weight_decay)
@@ -309,6 +396,8 @@ def train_lens(
             if step >= steps:
                 break
     bar.close()
+    if max_condition is not None:
+        cap_condition(lens, max_condition)
     lens.clear_cache()
     return lens.eval(), history
 

@@ -81,10 +81,11 @@ def build_caches(params, model: HookedTransformer, out_dir: str | Path = ".") ->
 
 
 def write_data_mix(metas: dict, path: str | Path):
-    """Tokens per document label (Brown: genre) in each cache, as a table; saved as JSON.
+    """Tokens per document label (Brown: genre) in each cache; saved as JSON at ``path``.
 
     ``metas`` is `build_caches`'s result. A split without labels (a stream, an ``hf:`` corpus)
-    has an empty column.
+    has an empty column. Returns ``(table, summary)``: the table as a DataFrame, and per split
+    its tokens, contexts, documents, number of labels and source.
     """
     import pandas as pd
 
@@ -104,10 +105,8 @@ def write_data_mix(metas: dict, path: str | Path):
         }
         for split, meta in metas.items()
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"summary": summary, "tokens_per_label": counts}, indent=1))
-    return table
+    write_json(path, {"summary": summary, "tokens_per_label": counts})
+    return table, summary
 
 
 def split_labels(params) -> dict[str, list[str] | None]:
@@ -170,35 +169,29 @@ def training_source(
     )
 
 
-def train_and_evaluate(
-    cfg: TrainConfig,
-    source,
+def evaluate_sae(
+    sae,
     test_cache: ActivationCache,
-    run_dir: str | Path,
     model: HookedTransformer,
     eval_batch_size: int,
     eval_tokens: int,
     ce_contexts: int,
+    layers: list[int] | None = None,
     lens=None,
-    progress: bool = True,
     ce_bf16: bool = False,
-) -> dict:
-    """Train (or resume) a run, evaluate it on held-out data, write ``run_dir/metrics.json``.
+):
+    """Held-out metrics of a trained SAE and the latent statistics of the same pass.
 
-    ``source`` is a `mlsae.sources.TrainingSource` or an `ActivationCache`. FVU, L0 and L1 come
-    from the first ``eval_tokens`` tokens of the test cache (no model forward); delta CE and KL
-    from the first ``ce_contexts`` contexts the test cache was built from, run through the model
-    in batches of ``eval_batch_size``.
-    The latent statistics of the same pass (counts and summed activations per layer and latent)
-    go to ``run_dir/latent_stats.pt`` for the latent analyses.
+    FVU, L0 and L1 come from the first ``eval_tokens`` tokens of the test cache (no model
+    forward); delta CE and KL from the first ``ce_contexts`` contexts the test cache was built
+    from, run through the model in batches of ``eval_batch_size``. Returns ``(result,
+    latent_stats)``: the metrics (`mlsae.metrics.evaluate`) and a `mlsae.latents.LayerStats`
+    (counts and summed activations per layer and latent) for the latent analyses.
     """
     from mlsae.latents import LayerStats
-    from mlsae.train import load_checkpoint
 
-    run_dir = Path(run_dir)
-    sae = train(cfg, source, run_dir, lens=lens, progress=progress)
-    layers = cfg.layers or list(range(test_cache.n_layers))
-    vectors = take_tokens(test_cache.iter_batches(1024, layers=cfg.layers), eval_tokens)
+    layers = layers or list(range(test_cache.n_layers))
+    vectors = take_tokens(test_cache.iter_batches(1024, layers=layers), eval_tokens)
     batches = test_cache.contexts()[:ce_contexts].split(eval_batch_size)
     latent_stats = LayerStats(len(layers), sae.n_latents)
     result = evaluate(
@@ -213,11 +206,7 @@ def train_and_evaluate(
         vector_contexts=test_cache.context_ids(),
         ce_bf16=ce_bf16,
     )
-    result["config"] = {k: v for k, v in vars(cfg).items() if k != "extra"} | cfg.extra
-    result["tokens_trained"] = load_checkpoint(run_dir / "checkpoint.pt")["tokens_seen"]
-    latent_stats.save(run_dir / "latent_stats.pt")
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    return result
+    return result, latent_stats
 
 
 def cache_paths(params, out_dir: str | Path = ".") -> dict[str, Path]:
@@ -293,18 +282,52 @@ def corpus_split(params):
     return split_corpus(docs, params.data.test_fraction, params.base.seed)
 
 
-def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | Path = "."):
-    """Train and evaluate sweep entry ``run``; write ``results/runs/<run>.json``."""
-    out_dir = Path(out_dir)
+def run_dir(params, run: str, out_dir: str | Path = ".") -> Path:
+    """``<cache_dir>/runs/<run>``: the run's ``checkpoint.pt`` and ``log.jsonl`` (stage output)."""
+    return Path(out_dir) / params.base.cache_dir / "runs" / run
+
+
+def latent_stats_path(params, run: str, out_dir: str | Path = ".") -> Path:
+    """``<cache_dir>/latent_stats/<run>.pt``, written by the run's evaluation."""
+    return Path(out_dir) / params.base.cache_dir / "latent_stats" / f"{run}.pt"
+
+
+def train_run(params, run: str, out_dir: str | Path = ".", model=None) -> Path:
+    """Stage ``train_mlsae``: train (or resume) sweep entry ``run``; returns its run folder.
+
+    Reads the training data (`training_source`), and the lens for a ``lens_sweep`` entry. The
+    model is loaded only when training reads a stream (``model`` may be given instead).
+    """
     lens, lens_sha = run_lens(params, run, out_dir)
     cfg = train_config(params, run, lens_sha=lens_sha)
-    run_dir = out_dir / params.base.cache_dir / "runs" / run
-    paths = cache_paths(params, out_dir)
-    result = train_and_evaluate(
-        cfg,
-        training_source(params, out_dir, model),
-        ActivationCache(paths["test"]),
-        run_dir,
+    folder = run_dir(params, run, out_dir)
+    train(cfg, training_source(params, out_dir, model), folder, lens=lens)
+    return folder
+
+
+METRIC_KEYS = (
+    "fvu", "fvu_se", "fvu_paper", "fvu_raw", "fvu_raw_se", "fvu_paper_raw", "l0", "l1",
+    "delta_ce", "delta_ce_se", "kl", "kl_se", "dead_fraction_train", "inactive_fraction",
+)  # fmt: skip
+
+
+def evaluate_run(params, run: str, model: HookedTransformer, out_dir: str | Path = ".") -> dict:
+    """Stage ``evaluate_run``: held-out metrics of trained sweep entry ``run``.
+
+    Writes ``results/runs/<run>.json`` (per layer, with standard errors and the run's config),
+    ``results/metrics/runs/<run>.json`` (the means over layers: numbers only, for
+    ``dvc metrics``), ``results/train/<run>.csv`` (the training curve, for ``dvc plots``) and
+    the latent statistics (`latent_stats_path`). Returns the full result.
+    """
+    from mlsae.train import load_checkpoint, load_sae, read_log
+
+    out_dir = Path(out_dir)
+    folder = run_dir(params, run, out_dir)
+    lens, _ = run_lens(params, run, out_dir)
+    sae = load_sae(folder / "checkpoint.pt", params.base.device).eval()
+    result, stats = evaluate_sae(
+        sae,
+        ActivationCache(cache_paths(params, out_dir)["test"]),
         model,
         eval_batch_size=params.data.batch_contexts,
         eval_tokens=params.eval.eval_tokens,
@@ -312,10 +335,57 @@ def run_sweep_entry(params, run: str, model: HookedTransformer, out_dir: str | P
         lens=lens,
         ce_bf16=params.eval.ce_bf16,
     )
-    results = out_dir / "results" / "runs"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{run}.json").write_text(json.dumps(result, indent=1))
-    return result, run_dir
+    checkpoint = load_checkpoint(folder / "checkpoint.pt")
+    config = checkpoint["train_config"]
+    result["config"] = {k: v for k, v in config.items() if k != "extra"} | config.get("extra", {})
+    result["tokens_trained"] = checkpoint["tokens_seen"]
+    stats_path = latent_stats_path(params, run, out_dir)
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(stats_path)
+    write_json(out_dir / "results" / "runs" / f"{run}.json", result)
+    metrics = {k: result["mean"][k] for k in METRIC_KEYS if k in result["mean"]}
+    metrics["tokens_trained"] = result["tokens_trained"]
+    write_metrics(out_dir / "results" / "metrics" / "runs" / f"{run}.json", metrics)
+    write_csv(out_dir / "results" / "train" / f"{run}.csv", read_log(folder))
+    return result
+
+
+def write_json(path: str | Path, data) -> Path:
+    """``data`` as indented JSON at ``path`` (folders created; tensors and arrays as lists)."""
+
+    def default(o):
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=default))
+    return path
+
+
+def write_metrics(path: str | Path, metrics: dict) -> Path:
+    """A DVC metrics file: nested mappings of numbers only (a string or list is an error)."""
+
+    def check(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check(v, f"{key}.{k}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"metrics file {path}: {key} = {value!r} is not a number.")
+
+    check(metrics, "")
+    return write_json(path, metrics)
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """Rows of equal keys as a CSV with a header (a `dvc plots` source)."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
 
 
 def table1(runs: dict[str, dict], params):
@@ -364,26 +434,32 @@ def table1(runs: dict[str, dict], params):
 def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -> dict:
     """Train single-layer SAEs at ``analysis.baseline_layers``; write ``results/baselines.json``.
 
-    The matrices have one row per single-layer SAE (train layer) and a last row for the MLSAE of
-    ``analysis.baseline_run``, all evaluated on the same held-out tokens at each baseline layer.
+    The SAEs go to ``<cache_dir>/baselines/layer-<L>``. The matrices have one row per
+    single-layer SAE (train layer) and a last row for the MLSAE of ``analysis.baseline_run``,
+    all evaluated on the same held-out tokens at each baseline layer. Also writes
+    ``results/metrics/baselines.json``: the means over baseline layers of each single-layer SAE at
+    its own layer and of the MLSAE (numbers only).
     """
+    import numpy as np
+
     from mlsae.baselines import delta_ce_matrix, fvu_matrix
     from mlsae.train import load_sae
 
     out_dir, run = Path(out_dir), params.analysis.baseline_run
     layers = list(params.analysis.baseline_layers)
     paths = cache_paths(params, out_dir)
-    runs_dir = out_dir / params.base.cache_dir / "runs"
+    folder = out_dir / params.base.cache_dir / "baselines"
     saes = {}
     for layer in layers:
         cfg = train_config(params, run, layers=[layer])
         source = training_source(params, out_dir, model, layers=[layer])
-        saes[layer] = train(cfg, source, runs_dir / f"single-{run}-l{layer}").eval()
-    saes["mlsae"] = load_sae(runs_dir / run / "checkpoint.pt", params.base.device).eval()
+        saes[layer] = train(cfg, source, folder / f"layer-{layer}").eval()
+    saes["mlsae"] = load_sae(run_dir(params, run, out_dir) / "checkpoint.pt", params.base.device)
+    saes["mlsae"].eval()
     test_cache = ActivationCache(paths["test"])
     fvu = fvu_matrix(saes, test_cache, layers, params.eval.eval_tokens)
     tokens = test_cache.contexts()[: params.analysis.baseline_ce_contexts]
-    d_ce, kl = delta_ce_matrix(saes, model, tokens, layers, bf16=params.eval.ce_bf16)
+    d_ce, kl, n_ce = delta_ce_matrix(saes, model, tokens, layers, bf16=params.eval.ce_bf16)
     result = {
         "layers": layers,
         "rows": [f"single layer {ly}" for ly in layers] + [f"MLSAE {run}"],
@@ -391,13 +467,23 @@ def run_baselines(params, model: HookedTransformer, out_dir: str | Path = ".") -
         "fvu": fvu.tolist(),
         "delta_ce": d_ce.tolist(),
         "kl": kl.tolist(),
-        "n_fvu_tokens": min(params.eval.eval_tokens, ActivationCache(paths["test"]).n_tokens),
-        "n_ce_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1)),  # predictions made
+        "n_fvu_tokens": min(params.eval.eval_tokens, test_cache.n_tokens),
+        "n_ce_tokens": n_ce,  # predictions averaged over, as in Table 1
         "model": params.base.model,
         "corpus": params.base.corpus,
     }
-    (out_dir / "results").mkdir(exist_ok=True)
-    (out_dir / "results" / "baselines.json").write_text(json.dumps(result, indent=1))
+    write_json(out_dir / "results" / "baselines.json", result)
+    own = {key: np.diag(np.array(result[key])[:-1]) for key in ("fvu", "delta_ce")}
+    mlsae = {key: np.array(result[key])[-1] for key in ("fvu", "delta_ce")}
+    write_metrics(
+        out_dir / "results" / "metrics" / "baselines.json",
+        {
+            "single_layer_fvu": float(own["fvu"].mean()),
+            "mlsae_fvu": float(mlsae["fvu"].mean()),
+            "single_layer_delta_ce": float(own["delta_ce"].mean()),
+            "mlsae_delta_ce": float(mlsae["delta_ce"].mean()),
+        },
+    )
     return result
 
 

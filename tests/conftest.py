@@ -152,7 +152,7 @@ def write_train_params(path, cache_root, run: str, r: int, k: int, tokens: int, 
         "data": {"train_tokens": tokens},
         "train": {"select_bf16": False, "shuffle_tokens": 0, **train},
         "analysis": {"baseline_run": run},
-        "sweep": {run: {"expansion_factor": r, "k": k, "lens": False}},
+        "sweep": {run: {"expansion_factor": r, "k": k}},
     }
     path.write_text(yaml.safe_dump(params))
     return path

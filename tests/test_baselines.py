@@ -23,7 +23,7 @@ def test_matrices_match_direct_computation(tiny_model, tmp_path):
             total = (xl - xl.mean(0)).pow(2).sum()
             assert fvu[i, j].item() == pytest.approx((err / total).item(), rel=1e-4)
     tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
-    d_ce, kl = delta_ce_matrix(saes, tiny_model, tokens, layers)
+    d_ce, kl, n = delta_ce_matrix(saes, tiny_model, tokens, layers)
     resid = residual_stream(tiny_model, tokens)
     ref = delta_ce_kl(tiny_model, tokens, lambda v, ly: saes[2](v).recons, [2], resid)
     assert d_ce[1, 1].item() == pytest.approx((ref["delta_ce"][2] / ref["n"]).item(), rel=1e-6)

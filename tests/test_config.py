@@ -53,11 +53,11 @@ def test_wrong_types_and_values(section, key, value, message):
 
 def test_sweep_entry_checks():
     raw = base()
-    raw["sweep"]["bad"] = {"expansion_factor": -1, "k": 32, "lens": False}
+    raw["sweep"]["bad"] = {"expansion_factor": -1, "k": 32}
     with pytest.raises(ConfigError, match="sweep.bad.expansion_factor must be positive"):
         config.from_dict(raw)
     raw = base()
-    raw["sweep"]["big-k"] = {"expansion_factor": 1, "k": 1024, "lens": False}
+    raw["sweep"]["big-k"] = {"expansion_factor": 1, "k": 1024}
     p = config.from_dict(raw)  # k vs n_latents needs d_model
     with pytest.raises(ConfigError, match="sweep.big-k.k = 1024 exceeds n_latents = 576"):
         config.validate(p, d_model=576)
@@ -122,3 +122,61 @@ def test_lens_requested_with_none_available_and_no_training(tmp_path):
         config.from_dict(raw)
     raw["lens"]["train"] = True
     config.from_dict(raw)
+
+
+def test_dataclass_defaults_are_the_values_of_params_yaml():
+    """A params.yaml without a key behaves like the shipped one (no second set of defaults)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    defaults = config.Params()
+    differ = [
+        f"{section}.{key}: params.yaml {value!r}, "
+        f"default {getattr(getattr(defaults, section), key)!r}"
+        for section, values in raw.items()
+        if section not in ("sweep", "lens_sweep")
+        for key, value in values.items()
+        if (section, key) != ("analysis", "lens_run")  # names a run of the shipped lens_sweep
+        if getattr(getattr(defaults, section), key) != value
+    ]
+    assert not differ, differ
+
+
+def test_lens_runs_live_under_lens_sweep():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = config.from_dict(raw)
+    assert p.sweep["r8-k32-lens"].lens and not p.sweep["r8-k32"].lens
+    raw["sweep"]["x"] = {"expansion_factor": 2, "k": 4, "lens": True}
+    with pytest.raises(
+        config.ConfigError, match="sweep.x.lens: runs through the tuned lens go under lens_sweep"
+    ):
+        config.from_dict(raw)
+    raw["sweep"].pop("x")
+    raw["lens_sweep"]["r8-k32"] = {"expansion_factor": 2, "k": 4}
+    with pytest.raises(
+        config.ConfigError, match="lens_sweep.r8-k32: the name is also a sweep entry"
+    ):
+        config.from_dict(raw)
+    raw["lens_sweep"].pop("r8-k32")
+    raw["analysis"]["lens_run"] = "r8-k32"
+    with pytest.raises(
+        config.ConfigError, match="analysis.lens_run 'r8-k32' is not a lens_sweep entry"
+    ):
+        config.from_dict(raw)
+
+
+def test_paper_preset_as_dvc_overrides_turns_params_yaml_into_params_paper_yaml(tmp_path):
+    """The -S arguments of `python -m mlsae preset`, applied by DVC's own override code."""
+    import shlex
+
+    from dvc.utils.hydra import apply_overrides
+
+    from mlsae.presets import preset_arguments
+
+    args = shlex.split(preset_arguments(ROOT / "params.yaml", ROOT / "params-paper.yaml"))
+    assert args[0] == "-S" and len(args) % 2 == 0
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(target, args[1::2])
+    applied = config.load(target)
+    assert applied == config.load(ROOT / "params-paper.yaml")
+    assert applied.base.model == "EleutherAI/pythia-70m-deduped"
+    assert applied.sweep["r64-k32-lens"].lens and applied != config.load(ROOT / "params.yaml")

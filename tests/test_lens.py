@@ -140,3 +140,61 @@ def test_lens_kl_evaluation_is_exactly_zero_at_the_last_layer(tiny_model, tmp_pa
         tiny_model.unembed.W_U.mul_(30)
     kl = lens_kl_per_layer(tiny_model, lens, cache, 10_000)
     assert abs(kl[-1]) < 1e-9 and min(kl) >= 0
+
+
+def test_cap_condition_clips_singular_values_to_the_cap():
+    from mlsae.lens import cap_condition
+
+    lens = random_lens(16, 3, scale=2.0, seed=2)
+    eye = torch.eye(16)
+    before = [torch.linalg.svdvals(eye + t.weight.detach()) for t in lens.translators]
+    assert max((s[0] / s[-1]).item() for s in before) > 10
+    cap_condition(lens, 10.0)
+    for s0, t in zip(before, lens.translators, strict=True):
+        s = torch.linalg.svdvals(eye + t.weight.detach())
+        assert (s[0] / s[-1]).item() == pytest.approx(min(10.0, (s0[0] / s0[-1]).item()), rel=1e-4)
+        # singular values above s_max / 10 are untouched; the rest are raised to it
+        expected = s0.clamp_min(s0[0] / 10)
+        assert torch.allclose(s, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_regression_lens_is_the_least_squares_map_to_the_last_block(tiny_model, tmp_path):
+    """Against torch.linalg.lstsq on the same (input of block i, last block output) pairs."""
+    from mlsae.lens import regression_lens
+
+    cache = _tiny_cache(tiny_model, tmp_path / "c", docs_repeat=60)
+    lens = regression_lens(tiny_model, cache, max_tokens=10_000, ridge=0.0, max_condition=1e12)
+    acts = torch.cat(
+        [torch.from_numpy(cache.shard(i)[:].astype("float32")) for i in range(len(cache))], 1
+    )
+    toks = torch.cat([torch.from_numpy(cache.tokens(i)) for i in range(len(cache))])
+    inputs = torch.cat([tiny_model.embed(toks.long())[None].detach(), acts[:-1]]).double()
+    y = acts[-1].double()
+    for i in (1, 2):  # block inputs that vary (block 0's input is the embedding: few distinct rows)
+        x1 = torch.cat([inputs[i], torch.ones(len(y), 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(x1, y).solution  # (d + 1, d)
+        t = lens.translators[i]
+        pred = inputs[i] + inputs[i] @ t.weight.double().T + t.bias.double()
+        ref = x1 @ sol
+        assert torch.allclose(pred, ref, atol=1e-3 * y.abs().max()), (pred - ref).abs().max()
+
+
+def test_regression_start_beats_identity_start_at_equal_steps(tiny_model, tmp_path):
+    cache = _tiny_cache(tiny_model, tmp_path / "c")
+    kl = {}
+    for init in ("identity", "regression"):
+        lens, _ = train_lens(
+            tiny_model,
+            cache,
+            steps=3,
+            batch_tokens=64,
+            lr=1e-3,
+            progress=False,
+            init=init,
+            max_condition=100.0,
+        )
+        kl[init] = sum(lens_kl_per_layer(tiny_model, lens, cache, 10_000)[:-1])
+        for t in lens.translators:
+            s = torch.linalg.svdvals(torch.eye(32) + t.weight.detach())
+            assert (s[0] / s[-1]).item() <= 100.0 * (1 + 1e-4)
+    assert kl["regression"] < kl["identity"], kl

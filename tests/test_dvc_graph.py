@@ -1,0 +1,270 @@
+"""dvc.yaml against what its stages really do: `dvc repro` of the whole graph on a tiny model.
+
+A copy of the repository gets a tiny params.yaml (random 2-layer Llama, a 20-document text corpus)
+and runs `dvc repro` with every Python process traced (`tests/trace/sitecustomize.py` logs each
+file it opens). Then:
+
+* every file a stage reads is a declared dependency (or params.yaml), and every file it writes
+  is a declared output; the check is shown to fail when a declared dependency is removed;
+* the executed notebooks carry their figures inline and their explanations;
+* `dvc exp run -S` re-runs only the stages that read the changed value, and `dvc exp apply`
+  restores that experiment's outputs from the DVC cache without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TRACER = ROOT / "tests" / "trace"
+RUNS = {"r2-k4": (2, 4), "r1-k4": (1, 4), "r2-k8": (2, 8)}
+LENS_RUNS = {"r2-k4-lens": (2, 4)}
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def tiny_params(corpus: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"] |= {"model": "tiny-random-llama", "corpus": f"text:{corpus}"}
+    params["data"] |= {
+        "context_length": 32,
+        "batch_contexts": 4,
+        "train_tokens": 512,
+        "test_tokens": 256,
+    }
+    params["train"] |= {"batch_tokens": 32, "checkpoint_tokens": 256, "dead_tokens": 128}
+    params["lens"] |= {"steps": 3, "batch_tokens": 64}
+    params["eval"] |= {"eval_tokens": 256}
+    params["analysis"] |= {
+        "drift_tokens": 128,
+        "baseline_run": "r2-k4",
+        "lens_run": "r2-k4-lens",
+        "baseline_layers": [0, 1],
+        "baseline_ce_contexts": 2,
+    }
+    params["sweep"] = {n: {"expansion_factor": r, "k": k} for n, (r, k) in RUNS.items()}
+    params["lens_sweep"] = {n: {"expansion_factor": r, "k": k} for n, (r, k) in LENS_RUNS.items()}
+    return params
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    """Stage names from DVC's "Running stage 'x':" lines."""
+    return {
+        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
+    }
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the repository, `dvc repro`-ed on tiny params with every file open traced."""
+    root = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    skip = ("results/", "figures/", "notebooks/executed/", "dvc.lock")
+    for name in listed:
+        if name.startswith(skip) or not (ROOT / name).is_file():
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, root / name)
+    corpus = root.parent / "corpus"
+    corpus.mkdir(exist_ok=True)
+    words = "the cat sat on the mat while a dog went to the store and John gave Mary a drink"
+    for i in range(20):
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join([words] * (3 + i % 4)))
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(corpus), sort_keys=False))
+    trace = root.parent / "trace"
+    trace.mkdir(exist_ok=True)
+    env = os.environ | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": f"{root}{os.pathsep}{TRACER}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    env.pop("MLSAE_TRACE_TAG", None)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "tiny"], root, env)
+    output = run([str(BIN / "dvc"), "repro"], root, env | {"MLSAE_TRACE_DIR": str(trace)})
+    return {"root": root, "trace": trace, "env": env, "output": output}
+
+
+def stage_table(root: Path) -> dict[str, dict]:
+    """``{stage: {"tag", "deps", "outs"}}`` from DVC's own reading of dvc.yaml."""
+    from dvc.repo import Repo
+
+    out = {}
+    with Repo(str(root)) as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            notebooks = [w for w in stage.cmd.split() if w.endswith(".ipynb")]
+            out[stage.name] = {
+                "tag": Path(notebooks[-1]).stem,
+                "deps": {d.def_path for d in stage.deps},
+                "outs": {o.def_path for o in stage.outs},
+            }
+    return out
+
+
+def _within(path: str, declared: set[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
+
+
+def undeclared(log: Path, deps: set[str], outs: set[str], root: Path) -> list[str]:
+    """Files in ``log`` that the stage read but did not declare, or wrote outside its outs.
+
+    Paths outside the repository, DVC's and git's own folders, and the tracer are ignored. An
+    import reads ``mlsae/__pycache__/x.*.pyc``: that counts as reading ``mlsae/x.py``. A written
+    file that no longer exists when the stage ends is a temporary (written, then renamed).
+    """
+    problems = set()
+    for line in log.read_text().splitlines():
+        mode, path = line.split(" ", 1)
+        try:
+            rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+        if rel.startswith((".dvc/", ".git/", "tests/trace/")) or rel in (".", "dvc.lock"):
+            continue
+        if "__pycache__/" in rel:
+            if mode == "w":
+                continue
+            folder, name = rel.split("__pycache__/")
+            rel = f"{folder}{name.split('.')[0]}.py"
+        if mode == "w":
+            if not _within(rel, outs) and (root / rel).exists():
+                problems.add(f"writes {rel}")
+        elif rel != "params.yaml" and not _within(rel, deps | outs):
+            problems.add(f"reads {rel}")
+    return sorted(problems)
+
+
+@pytest.mark.slow
+def test_every_stage_reads_only_declared_deps_and_writes_only_declared_outs(repo):
+    stages = stage_table(repo["root"])
+    assert len(stages) == 8 + 2 * (len(RUNS) + len(LENS_RUNS))
+    problems = {}
+    for name, stage in stages.items():
+        log = repo["trace"] / f"{stage['tag']}.log"
+        assert log.exists() and log.stat().st_size > 0, f"{name}: nothing traced"
+        found = undeclared(log, stage["deps"], stage["outs"], repo["root"])
+        if found:
+            problems[name] = found
+    assert not problems, json.dumps(problems, indent=1)
+    # the tracer sees imports and data files (a check that reads nothing would pass trivially)
+    log = (repo["trace"] / "05_evaluate_run_r2-k4.log").read_text()
+    assert "mlsae/__pycache__/metrics" in log or "mlsae/metrics.py" in log
+    assert "cache/runs/r2-k4/checkpoint.pt" in log
+
+
+@pytest.mark.slow
+def test_the_check_fails_when_a_declared_dependency_is_removed(repo):
+    stage = stage_table(repo["root"])["evaluate_run@r2-k4"]
+    log = repo["trace"] / f"{stage['tag']}.log"
+    assert undeclared(log, stage["deps"], stage["outs"], repo["root"]) == []
+    for removed in ("mlsae/metrics.py", "cache/runs/r2-k4", "cache/activations/test"):
+        found = undeclared(log, stage["deps"] - {removed}, stage["outs"], repo["root"])
+        assert any(p.startswith(f"reads {removed}") for p in found), (removed, found)
+    outs = stage["outs"] - {"results/runs/r2-k4.json"}
+    assert "writes results/runs/r2-k4.json" in undeclared(log, stage["deps"], outs, repo["root"])
+
+
+@pytest.mark.slow
+def test_executed_notebooks_show_figures_tables_and_explanations(repo):
+    root = repo["root"]
+    figures = {p.name for p in (root / "figures").iterdir()}
+    for stem in [
+        "residual_drift",
+        "lens_kl",
+        "train_fvu_r2-k4",
+        "train_fvu_r2-k4-lens",
+        "per_layer_metrics",
+        "single_layer_matrices",
+        "single_vs_mlsae",
+        "sweeps",
+        "latents_heatmaps",
+        "latents_layer_histograms",
+        "latents_thresholds",
+        "latents_prompts",
+        "latents_activity_sweeps",
+        "latents_decoder_cosine",
+    ]:
+        assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem
+    for name in ("02_residual_drift", "05_evaluate_run_r2-k4", "09_latents_over_layers"):
+        nb = json.loads((root / "notebooks" / "executed" / f"{name}.ipynb").read_text())
+        outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        texts = "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+        assert images, f"{name}: no inline figure"
+        assert "**" in texts and "tiny-random-llama" in texts, f"{name}: no explanation"
+    run_result = json.loads((root / "results" / "runs" / "r2-k4-lens.json").read_text())
+    assert run_result["space"] == "lens" and len(run_result["per_layer"]["fvu_raw"]) == 2
+    metrics = json.loads((root / "results" / "metrics" / "runs" / "r2-k4.json").read_text())
+    assert all(isinstance(v, int | float) for v in metrics.values()) and "fvu" in metrics
+    sweeps = json.loads((root / "results" / "sweeps.json").read_text())
+    assert [r["run"] for r in sweeps["R"]] == ["r1-k4", "r2-k4"]
+    table = (root / "figures" / "table1.md").read_text()
+    assert "r2-k4-lens" in table and re.search(r"\|\s+2 \|", table)  # R printed as an integer
+    assert not re.search(r"\|\s+2\.000 \|", table)
+
+
+@pytest.mark.slow
+def test_exp_run_reruns_only_what_reads_the_change_and_exp_apply_restores_it(repo):
+    root, env = repo["root"], repo["env"]
+    dvc = str(BIN / "dvc")
+    assert "up to date" in run([dvc, "status"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "tiny results"], root, env)
+    output = run([dvc, "exp", "run", "-n", "k6", "-S", "sweep.r2-k8.k=6"], root, env)
+    assert ran_stages(output) == {
+        "train_mlsae@r2-k8",
+        "evaluate_run@r2-k8",
+        "table1",
+        "sweeps",
+        "latents_over_layers",
+    }, output
+    assert "k6" in run([dvc, "exp", "show", "--no-pager", "--json"], root, env)
+    # back to the committed state, then the experiment again: restored from the cache
+    run(["git", "checkout", "--", "."], root, env)
+    run([dvc, "checkout", "--force"], root, env)
+    assert "up to date" in run([dvc, "status"], root, env)
+    run([dvc, "exp", "apply", "k6"], root, env)
+    assert "up to date" in run([dvc, "status"], root, env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["sweep"]["r2-k8"]["k"] == 6
+    result = json.loads((root / "results" / "runs" / "r2-k8.json").read_text())
+    assert result["config"]["k"] == 6
+
+
+def test_source_notebooks_have_no_outputs():
+    assert len(NOTEBOOKS) == 10
+    for name in NOTEBOOKS:
+        nb = json.loads((ROOT / "notebooks" / name).read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, name
