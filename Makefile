@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup browser test test-fast lint format repro verify bench clean-venv
+.PHONY: setup browser test test-fast lint format repro verify plots bench clean-venv
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Debian's chromium for the latent-browser test (headless); needs root or passwordless sudo.
+# Debian's chromium for the latent-explorer test (headless); needs root or passwordless sudo.
 browser:
 	@command -v chromium >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -47,6 +47,11 @@ repro: setup
 # Regenerated results against the committed ones, within tolerance (names what moved).
 verify: setup
 	$(BIN)/python -m mlsae verify
+
+# dvc plots show, rendered offline (vega libraries from npm inlined): dvc_plots/index.html
+plots: setup
+	$(BIN)/python -m mlsae plots-template dvc_plots/offline_template.html
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc plots show --html-template dvc_plots/offline_template.html -o dvc_plots
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py --quality

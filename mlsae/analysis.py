@@ -1,4 +1,4 @@
-"""Stage functions for the latent analyses (Figures 2-3, variance ratio, browser data).
+"""Stage functions for the latent analyses (Figures 2-3, variance ratio).
 
 Every statistic is computed on held-out residuals from the test activation cache, through the
 lens when the run has one.
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import ActivationCache, residual_stream, take_tokens
-from mlsae.latents import LayerStats, TopContexts, decoder_cosine_histogram
+from mlsae.activations import residual_stream
+from mlsae.latents import LayerStats, decoder_cosine_histogram
 from mlsae.metrics import mmcs
 from mlsae.sae import MLSAE
 
@@ -38,26 +37,6 @@ def load_latent_stats(params, run: str, out_dir: str | Path = ".") -> LayerStats
     from mlsae.pipeline import latent_stats_path
 
     return LayerStats.load(latent_stats_path(params, run, out_dir))
-
-
-@torch.no_grad()
-def scan(
-    sae: MLSAE, cache: ActivationCache, max_tokens: int, lens=None, n_top: int = 3
-) -> tuple[LayerStats, TopContexts, np.ndarray]:
-    """One pass over the test cache: layer statistics, top contexts, and the token stream."""
-    stats = LayerStats(cache.n_layers, sae.n_latents)
-    top = TopContexts(cache.n_layers, sae.n_latents, n_top)
-    layers = list(range(cache.n_layers))
-    seen = 0
-    for x in take_tokens(cache.iter_batches(1024), max_tokens):
-        if lens is not None:
-            x = lens.transform_layers(x, layers)
-        values, indices = sae.encode(x)
-        stats.update(values, indices)
-        top.update(values, indices, offset=seen)
-        seen += x.shape[1]
-    tokens = np.concatenate([cache.tokens(i) for i in range(len(cache))])[:seen]
-    return stats, top, tokens
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
-"""Command line: ``python -m mlsae train RUN``, ``verify`` and ``preset FILE``.
+"""Command line: ``python -m mlsae train RUN``, ``verify``, ``preset``, ``export-layers``, ...
 
 ``train`` trains one sweep entry of a params file; ``verify`` compares regenerated results with
 the committed ones (`mlsae.verify`); ``preset`` prints the ``dvc exp run -S`` arguments that
-switch params.yaml to a preset file (`mlsae.presets`).
+switch params.yaml to a preset file (`mlsae.presets`); ``export-layers`` writes a trained run as one
+SAELens SAE per layer (`mlsae.saelens.save_layer_views`); ``plots-template`` writes a
+``dvc plots show`` template that renders without internet access (`mlsae.dvcplots`).
 
 Under ``torchrun --nproc_per_node N -m mlsae train RUN`` the run is data-parallel over N
 processes. The source (cache or stream) and every setting come from the params file.
@@ -55,6 +57,42 @@ def preset_command(args: argparse.Namespace) -> None:
     print(preset_arguments(args.params, args.preset))
 
 
+def export_layers_command(args: argparse.Namespace) -> None:
+    """Write ``<out>/<run>/layer_<L>`` SAELens views of a trained run."""
+    from mlsae import saelens
+    from mlsae.train import load_sae
+
+    params = config.load(args.params)
+    entry = pipeline.sweep_entry(params, args.run)
+    if entry.lens:
+        raise SystemExit(saelens.LENS_ERROR)
+    from mlsae.activations import ActivationCache
+    from mlsae.train import load_checkpoint
+
+    ckpt = pipeline.run_dir(params, args.run, args.root) / "checkpoint.pt"
+    sae = load_sae(ckpt)
+    layers = load_checkpoint(ckpt)["train_config"].get("layers")
+    if layers is None:  # every layer: as many as the test cache holds
+        layers = list(
+            range(
+                args.n_layers
+                or ActivationCache(pipeline.cache_paths(params, args.root)["test"]).n_layers
+            )
+        )
+    folder = Path(args.out or Path(args.root) / params.base.cache_dir / "saelens" / args.run)
+    paths = saelens.save_layer_views(
+        sae, folder, params.base.model, list(layers), extra={"run": args.run}
+    )
+    print(f"{len(paths)} SAELens views of {args.run} in {folder}")
+
+
+def plots_template_command(args: argparse.Namespace) -> None:
+    """Write the offline template for ``dvc plots show --html-template``."""
+    from mlsae.dvcplots import offline_template
+
+    print(offline_template(args.path))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and run the command."""
     parser = argparse.ArgumentParser(prog="python -m mlsae", description=__doc__)
@@ -76,6 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("preset", help="a params file, e.g. params-paper.yaml")
     s.add_argument("--params", default="params.yaml", help="the params file DVC edits")
     s.set_defaults(func=preset_command)
+    e = commands.add_parser("export-layers", help="a trained run as one SAELens SAE per layer")
+    e.add_argument("run", help="a sweep entry (lens runs cannot be expressed in SAELens)")
+    e.add_argument("--params", default="params.yaml")
+    e.add_argument("--root", default=".", help="root of cache/")
+    e.add_argument("--out", default=None, help="folder (default <cache_dir>/saelens/<run>)")
+    e.add_argument("--n-layers", type=int, default=None, help="layers, if not in the checkpoint")
+    e.set_defaults(func=export_layers_command)
+    t = commands.add_parser("plots-template", help="dvc plots HTML template that works offline")
+    t.add_argument("path", nargs="?", default="dvc_plots/offline_template.html")
+    t.set_defaults(func=plots_template_command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     args.func(args)

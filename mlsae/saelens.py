@@ -109,3 +109,51 @@ def load(path: str | Path) -> MLSAE:
         if "tokens_since_fired" in extra:
             sae.tokens_since_fired.copy_(torch.tensor(extra["tokens_since_fired"]))
     return sae.eval()
+
+
+LENS_ERROR = (
+    "A lens run cannot be expressed in SAELens's format: its SAE reads x' = x + W x + b (the "
+    "tuned lens) and standardizes x', but SAELens applies an SAE's normalization directly to the "
+    "hook's activations and has no place for an affine map before it. Export a run of `sweep` "
+    "(raw residuals) instead."
+)
+
+
+def save_layer_views(
+    sae: MLSAE,
+    folder: str | Path,
+    model_name: str,
+    layers: list[int],
+    lens=None,
+    extra: dict | None = None,
+) -> list[Path]:
+    """One SAELens SAE per layer, ``folder/layer_<L>``, each hooked at ``blocks.L.hook_resid_post``.
+
+    The tools built on SAELens (sae-dashboard, SAEBench's custom-SAE interface, Neuronpedia's
+    uploader) expect one hook per SAE; an MLSAE is the same SAE at every layer, so each view is
+    the MLSAE's weights with one layer's hook. The weights are written once
+    (``folder/layer_<first>``) and hard-linked into the other views where the filesystem allows,
+    so the views share them on disk. ``lens`` not None (a lens run) is an error: `LENS_ERROR`.
+    """
+    if lens is not None:
+        raise ValueError(LENS_ERROR)
+    folder = Path(folder)
+    paths, first = [], None
+    for layer in layers:
+        path = folder / f"layer_{layer}"
+        hook = f"blocks.{layer}.hook_resid_post"
+        if first is None:
+            first = save(sae, path, model_name, [hook], {"layer": layer, **(extra or {})})
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            for name in (WEIGHTS_FILE, EXTRA_FILE):
+                (path / name).unlink(missing_ok=True)
+                try:
+                    (path / name).hardlink_to(first / name)
+                except OSError:
+                    (path / name).write_bytes((first / name).read_bytes())
+            cfg = json.loads((first / CFG_FILE).read_text())
+            cfg["metadata"] |= {"hook_name": hook, "hook_names": [hook]}
+            (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        paths.append(path)
+    return paths

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import tempfile
 
 import numpy as np
@@ -242,3 +244,33 @@ def write_text_corpus(folder, n_docs: int = 40, words: int = 120, seed: int = 0)
         text = " ".join(rng.choice(vocab, n)) + " ."
         (folder / f"doc{i:03d}.txt").write_text(text)
     return folder
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+"""Debian's chromium (installed by `make test`), or None."""
+
+
+def chromium_dom(url: str, profile, budget_ms: int = 5000) -> str:
+    """The DOM of ``url`` after headless Chromium ran its scripts for ``budget_ms`` (virtual)."""
+    out = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--virtual-time-budget={budget_ms}",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

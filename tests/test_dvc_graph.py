@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CHROMIUM, chromium_dom
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -229,6 +230,8 @@ def test_executed_notebooks_show_figures_tables_and_explanations(repo):
     assert all(isinstance(v, int | float) for v in metrics.values()) and "fvu" in metrics
     sweeps = json.loads((root / "results" / "sweeps.json").read_text())
     assert [r["run"] for r in sweeps["R"]] == ["r1-k4", "r2-k4"]
+    assert (root / "figures" / "explorer" / "index.html").exists()
+    assert (root / "figures" / "explorer" / "data" / "shard_0000.js").exists()
     table = (root / "figures" / "table1.md").read_text()
     assert "r2-k4-lens" in table and re.search(r"\|\s+2 \|", table)  # R printed as an integer
     assert not re.search(r"\|\s+2\.000 \|", table)
@@ -268,3 +271,24 @@ def test_source_notebooks_have_no_outputs():
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 assert cell["outputs"] == [] and cell["execution_count"] is None, name
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_renders_offline_in_chromium(repo, tmp_path):
+    """`make plots`'s route: the offline template (vega from npm, no CDN) and DVC's own page."""
+    from mlsae.dvcplots import offline_template
+
+    root, env = repo["root"], repo["env"]
+    template = offline_template(tmp_path / "template.html")
+    run(
+        [str(BIN / "dvc"), "plots", "show", "--html-template", str(template), "-o", "plots"],
+        root,
+        env,
+    )
+    page = (root / "plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "vegaEmbed" in page
+    assert "results/train/r2-k4.csv" in page and "figures/lens_kl.png" in page.replace("\\", "/")
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is installed by `make test`")
+    dom = chromium_dom(f"file://{root / 'plots' / 'index.html'}", tmp_path / "profile", 8000)
+    assert dom.count('class="marks"') >= 5  # vega drew the data-series plots

@@ -82,37 +82,6 @@ def test_decoder_cosine_histogram_counts_pairs():
     assert hist.hist.tolist() == [0, 0, 1, 2]  # cos 0 in [0, .5), two of 0.707 in [.5, 1]
 
 
-def test_top_contexts_match_a_dense_reference():
-    from mlsae.latents import TopContexts
-
-    torch.manual_seed(0)
-    n_layers, n_latents, k = 3, 10, 2
-    top = TopContexts(n_layers, n_latents, n=3)
-    all_vals, all_idx = [], []
-    offset = 0
-    for _ in range(4):
-        vals = torch.rand(n_layers, 7, k)
-        vals[vals < 0.3] = 0  # some inactive slots
-        idx = torch.stack([torch.randperm(n_latents)[:k] for _ in range(n_layers * 7)])
-        idx = idx.view(n_layers, 7, k)
-        top.update(vals, idx, offset)
-        all_vals.append(vals)
-        all_idx.append(idx)
-        offset += 7
-    vals, idx = torch.cat(all_vals, 1), torch.cat(all_idx, 1)
-    dense = torch.zeros(n_layers, vals.shape[1], n_latents).scatter_(-1, idx, vals)
-    for layer in range(n_layers):
-        for latent in range(n_latents):
-            col = dense[layer, :, latent]
-            best = col.topk(3)
-            for r in range(3):
-                if best.values[r] > 0:
-                    assert top.values[layer, latent, r] == best.values[r]
-                    assert top.positions[layer, latent, r] == best.indices[r]
-                else:
-                    assert top.positions[layer, latent, r] == -1
-
-
 def test_saved_statistics_load_to_the_same_results(tmp_path):
     stats = LayerStats(L, 5)
     stats.update(*constructed())
