@@ -5,6 +5,7 @@ at a git revision (default ``HEAD``), walks both, and lists each number that mov
 ``rtol * |committed| + atol``. Floating point differs across CPUs (thread counts, vector units,
 BLAS kernels), so regenerated results agree with the committed ones to a tolerance, not to the
 bit; a change beyond it is a real change (code, data or parameters), and is named by its path.
+Timings (keys containing ``seconds``) are not results and are skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def moved(old, new, rtol: float = RTOL, atol: float = ATOL, path: str = "") -> l
         key = (lambda k: f"{path}.{k}") if path else str
         out = [f"{key(k)}: only in one of them" for k in sorted(set(old) ^ set(new))]
         for k in sorted(set(old) & set(new)):
-            out += moved(old[k], new[k], rtol, atol, key(k))
+            if "seconds" not in str(k):  # a timing, not a result
+                out += moved(old[k], new[k], rtol, atol, key(k))
         return out
     if isinstance(old, list) and isinstance(new, list):
         if len(old) != len(new):

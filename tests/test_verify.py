@@ -13,3 +13,10 @@ def test_moved_names_what_changed_beyond_the_tolerance():
     assert moved({"a": [1, 2]}, {"a": [1]}) == ["a: length 2 -> 1"]
     assert moved({"a": "x"}, {"a": "y", "b": 1}) == ["b: only in one of them", "a: 'x' -> 'y'"]
     assert moved({"a": float("nan")}, {"a": float("nan")}) == []
+
+
+def test_timings_are_not_results():
+    from mlsae.verify import moved
+
+    assert moved({"fvu": 0.3, "build_seconds": 38.8}, {"fvu": 0.3, "build_seconds": 41.4}) == []
+    assert moved({"fvu": 0.3}, {"fvu": 0.4}) == ["fvu: 0.3 -> 0.4"]
