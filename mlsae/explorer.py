@@ -98,6 +98,7 @@ def collect(
     hist = torch.zeros(n_latents * bins, dtype=torch.float64, device=device)
     edges = torch.tensor(np.log(HIST_EDGES[1:-1]), dtype=torch.float32, device=device)
     context_ids = torch.as_tensor(cache.context_ids()).long()
+    context_ids_device = context_ids.to(device)  # moved once, indexed every batch
     empty = tuple(torch.zeros(0, dtype=t, device=device) for t in (torch.long,) * 2)
     top = (*empty, torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device))
     top_layer = top
@@ -117,7 +118,7 @@ def collect(
         totals.index_add_(0, flat, v.double())
         b = torch.bucketize(v.log(), edges)
         hist.index_add_(0, lat * bins + b, torch.ones_like(v, dtype=torch.float64))
-        ctx = context_ids.to(device)[p]
+        ctx = context_ids_device[p]
         top = top_per_group(
             torch.cat([top[0], lat]),
             torch.cat([top[1], ctx]),
@@ -141,21 +142,29 @@ def collect(
         top=tuple(t.cpu() for t in top),
         top_layer=tuple(t.cpu() for t in top_layer),
         tokens=tokens,
-        contexts=np.asarray(torch.as_tensor(cache.context_ids()))[:seen],
+        contexts=context_ids.numpy()[:seen],
         n_tokens=seen,
     )
 
 
-def _vectors(cache: ActivationCache, layer: np.ndarray, token: np.ndarray) -> torch.Tensor:
-    """Cached residuals at (layer, global token) pairs, ``(pairs, d)`` float32."""
-    sizes = [cache.shard(i).shape[1] for i in range(len(cache))]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+def _vectors(
+    cache: ActivationCache, starts: np.ndarray, layer: np.ndarray, token: np.ndarray
+) -> torch.Tensor:
+    """Cached residuals at (layer, global token) pairs, ``(pairs, d)`` float32.
+
+    ``starts``: the global position of each shard's first token (`_shard_starts`).
+    """
     shard = np.searchsorted(starts, token, side="right") - 1
     out = np.zeros((len(token), cache.shard(0).shape[-1]), dtype=np.float32)
     for s in np.unique(shard):
         rows = np.flatnonzero(shard == s)
         out[rows] = cache.shard(int(s))[layer[rows], token[rows] - starts[s]]
     return torch.from_numpy(out)
+
+
+def _shard_starts(cache: ActivationCache) -> np.ndarray:
+    """Global position of the first token of each shard, and the total as the last entry."""
+    return np.concatenate([[0], np.cumsum([cache.shard(i).shape[1] for i in range(len(cache))])])
 
 
 @torch.no_grad()
@@ -176,16 +185,20 @@ def activations_at(
     """
     pairs, where = np.unique(np.stack([layer, token], 1), axis=0, return_inverse=True)
     where = where.reshape(-1)
+    # requests grouped by the chunk of their vector: one sort instead of a scan per chunk
+    order = np.argsort(where, kind="stable")
+    bounds = np.searchsorted(where[order], np.arange(0, len(pairs) + chunk, chunk))
+    starts = _shard_starts(cache)
     out = np.zeros(len(latent), dtype=np.float32)
-    for s in range(0, len(pairs), chunk):
+    for c, s in enumerate(range(0, len(pairs), chunk)):
         part = pairs[s : s + chunk]
-        x = _vectors(cache, part[:, 0], part[:, 1]).to(device)
-        if lens is not None:
-            x = torch.cat(
-                [lens.transform(x[i : i + 1], int(ly)) for i, ly in enumerate(part[:, 0])]
-            )
+        x = _vectors(cache, starts, part[:, 0], part[:, 1]).to(device)
+        if lens is not None:  # the lens of each vector's layer, a layer at a time
+            for ly in np.unique(part[:, 0]):
+                rows = torch.from_numpy(np.flatnonzero(part[:, 0] == ly)).to(device)
+                x[rows] = lens.transform(x[rows], int(ly))
         values, indices = sae.encode(x)  # (pairs, k)
-        req = np.flatnonzero((where >= s) & (where < s + len(part)))
+        req = order[bounds[c] : bounds[c + 1]]
         rows = torch.from_numpy(where[req] - s).to(device)
         lat = torch.from_numpy(latent[req].astype(np.int64)).to(device)
         hit = indices[rows] == lat[:, None]

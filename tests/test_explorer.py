@@ -44,11 +44,13 @@ def run(tiny_model, tmp_path):
 
 
 @torch.no_grad()
-def dense(sae, cache):
+def dense(sae, cache, lens=None):
     """``(layer, token, latent)`` activations of the whole cache, by brute force."""
     x = torch.cat(
         [torch.from_numpy(cache.shard(i)[:].astype("float32")) for i in range(len(cache))], 1
     )
+    if lens is not None:
+        x = lens.transform_layers(x, list(range(x.shape[0])))
     values, indices = sae.encode(x)
     out = torch.zeros(*x.shape[:2], sae.n_latents)
     out.scatter_(-1, indices, values)
@@ -89,16 +91,19 @@ def test_one_pass_statistics_and_top_contexts_match_a_dense_reference(run):
             assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_activations_at_reads_and_encodes_only_the_requested_vectors(run):
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_activations_at_reads_and_encodes_only_the_requested_vectors(run, with_lens):
+    from mlsae.lens import random_lens
+
     sae, cache = run
-    acts = dense(sae, cache)
+    lens = random_lens(cache.shard(0).shape[-1], cache.n_layers, seed=3) if with_lens else None
+    acts = dense(sae, cache, lens)
     gen = np.random.default_rng(0)
     n = 200
     latent = gen.integers(0, sae.n_latents, n)
     layer = gen.integers(0, cache.n_layers, n)
     token = gen.integers(0, acts.shape[1], n)
-    got = explorer.activations_at(sae, cache, latent, layer, token, chunk=17)
-    acts = acts.detach()
+    got = explorer.activations_at(sae, cache, latent, layer, token, lens=lens, chunk=17)
     np.testing.assert_allclose(got, acts[layer, token, latent].numpy(), rtol=1e-5, atol=1e-6)
 
 
