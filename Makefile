@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup browser test test-fast lint format repro verify plots bench clean-venv
+.PHONY: setup browser test test-fast lint format repro verify plots lab deps bench clean-venv
 
 setup: $(STAMP)
 
@@ -52,6 +52,15 @@ verify: setup
 plots: setup
 	$(BIN)/python -m mlsae plots-template dvc_plots/offline_template.html
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc plots show --html-template dvc_plots/offline_template.html -o dvc_plots
+
+# Jupyter on the notebooks, with this repo's venv as the kernel: a notebook opened here finds
+# the repository from its folder and reads and writes exactly where its DVC stage does.
+lab: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --notebook-dir=notebooks
+
+# Each stage's mlsae/ dependencies in dvc.yaml, from what its notebook imports.
+deps: setup
+	$(BIN)/python -m mlsae deps --write
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py --quality

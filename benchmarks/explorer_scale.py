@@ -6,7 +6,7 @@ What is measured
   GPT-NeoX shaped like Pythia-70m with random weights (6 layers, d_model 512), written as an
   `ActivationCache` like stage 01's.
 * An MLSAE with the paper's R = 64 (``--latents`` 32,768) and k = 32, random weights.
-* `mlsae.explorer.collect` (the one streamed pass: per-layer counts, histograms, top-k
+* `mlsae.explorer_scan.collect` (the one streamed pass: per-layer counts, histograms, top-k
   contexts) alone, then `mlsae.explorer.build` whole (that pass again, the targeted re-encoding
   for shading and trajectories, logit effects through the unembedding, similar latents) and
   `write_explorer`: seconds for each, peak GPU memory, and the data's size on disk.
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from stream_step import pythia_shaped  # noqa: E402
 
-from mlsae import explorer  # noqa: E402
+from mlsae import explorer, explorer_scan, explorer_site  # noqa: E402
 from mlsae.activations import ActivationCache  # noqa: E402
 from mlsae.data import Context  # noqa: E402
 from mlsae.sae import MLSAE  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
             torch.cuda.reset_peak_memory_stats()
         sync(args.device)
         start = time.time()
-        explorer.collect(sae, cache, cache.n_tokens, device=args.device)
+        explorer_scan.collect(sae, cache, cache.n_tokens, device=args.device)
         sync(args.device)
         t_collect, peak_collect = time.time() - start, gib(args.device)
         start = time.time()
@@ -92,7 +92,9 @@ def main(argv=None) -> None:
         sync(args.device)
         t_build, peak = time.time() - start, gib(args.device)
         start = time.time()
-        size = explorer.write_explorer(Path(tmp) / "site", data, NumberedTokens(), "s", "random")
+        size = explorer_site.write_explorer(
+            Path(tmp) / "site", data, NumberedTokens(), "s", "random"
+        )
         t_write = time.time() - start
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     n, tokens, layers = args.latents, cache.n_tokens, cache.n_layers

@@ -27,6 +27,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
 
     # the whole step
     accum = step_tokens // args.micro
-    cfg = TrainConfig(
+    cfg = TrainConfig.of(
         expansion_factor=expansion,
         k=32,
         batch_tokens=args.micro,
@@ -140,9 +141,9 @@ def main(argv=None) -> None:
         log_every=10**9,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        warm = TrainConfig(**{**cfg.__dict__, "max_tokens": step_tokens})
+        warm = replace(cfg, max_tokens=step_tokens)
         train(warm, source(2), Path(tmp) / "warm", progress=False)
-        timed = TrainConfig(**{**cfg.__dict__, "max_tokens": args.steps * step_tokens})
+        timed = replace(cfg, max_tokens=args.steps * step_tokens)
         sync(device)
         t0 = time.perf_counter()
         train(timed, source(3), Path(tmp) / "timed", progress=False)

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 
 from mlsae.activations import ActivationCache
+from mlsae.reconstruction import fvu_from_sums
 from mlsae.sae import MLSAE
 from mlsae.train import adam
 
@@ -371,7 +372,6 @@ def quality(args) -> None:
         s1 += xt.double().sum(1).cpu()
         s2 += xt.double().pow(2).sum((1, 2)).cpu()
         count += xt.shape[1]
-    total = s2 - s1.pow(2).sum(-1) / count
     print(
         f"\nQuality at equal budget: {seen} training vectors ({layers} layers x tokens, flattened; "
         f"same batches for all), d={d} n={n} k={k}; held-out FVU on {count} test tokens x "
@@ -379,7 +379,7 @@ def quality(args) -> None:
     )
     print(f"{'trainer':<18} {'test FVU':>9} {'train s':>8}")
     for t in trainers:
-        fvu = (err[t.name] / total).mean().item()
+        fvu = fvu_from_sums(err[t.name], s2, s1, count).mean().item()
         print(f"{t.name:<18} {fvu:>9.4f} {seconds[t.name]:>8.1f}")
 
 

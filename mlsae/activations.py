@@ -242,12 +242,20 @@ class ActivationCache:
     ) -> Iterator[torch.Tensor]:
         """Yield ``(layer, batch_tokens, d_model)`` batches in cache order (last may be short).
 
-        Training reads the cache through `mlsae.sources` (shuffle blocks, resume, ranks).
+        Training reads the cache through `mlsae.sources` (shuffle blocks, resume, ranks); with no
+        shuffling that gives these same batches (tested).
         """
-        from mlsae.sources import CacheSource, shuffled_batches
-
-        chunks = CacheSource(self, layers).chunks()
-        return shuffled_batches(chunks, batch_tokens, 0, dtype=dtype)
+        rest = None  # tokens of the last shard that did not fill a batch
+        for i in range(len(self)):
+            arr = self.shard(i)
+            x = torch.from_numpy(np.array(arr if layers is None else arr[layers]))
+            x = x if rest is None else torch.cat([rest, x], dim=1)
+            full = x.shape[1] // batch_tokens * batch_tokens
+            for lo in range(0, full, batch_tokens):
+                yield x[:, lo : lo + batch_tokens].to(dtype)
+            rest = x[:, full:]
+        if rest is not None and rest.shape[1]:
+            yield rest.to(dtype)
 
 
 def take_tokens(batches: Iterable[torch.Tensor], max_tokens: int) -> Iterator[torch.Tensor]:

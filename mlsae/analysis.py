@@ -1,4 +1,4 @@
-"""Stage functions for the latent analyses (Figures 2-3, variance ratio).
+"""Latent analyses (Figures 2-3, variance ratio) and the power law of a training curve.
 
 Every statistic is computed on held-out residuals from the test activation cache, through the
 lens when the run has one.
@@ -6,37 +6,19 @@ lens when the run has one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformer_lens import HookedTransformer
 
 from mlsae.activations import residual_stream
 from mlsae.latents import LayerStats, decoder_cosine_histogram
-from mlsae.metrics import mmcs
 from mlsae.sae import MLSAE
+from mlsae.similarity import mmcs
 
 PROMPTS = (
     "When Mary and John went to the store, John gave a drink to",
     "The capital of France is Paris, and the capital of Italy is",
     "In 1963, the committee reported that the new tax would",
 )
-
-
-def load_run(params, run: str, out_dir: str | Path = "."):
-    """``(sae, lens or None)`` of a trained sweep entry."""
-    from mlsae.pipeline import run_dir, run_lens
-    from mlsae.train import load_sae
-
-    sae = load_sae(run_dir(params, run, out_dir) / "checkpoint.pt").eval()
-    return sae, run_lens(params, run, out_dir, "cpu")[0]
-
-
-def load_latent_stats(params, run: str, out_dir: str | Path = ".") -> LayerStats:
-    """The latent statistics that evaluating sweep entry ``run`` wrote (held-out test cache)."""
-    from mlsae.pipeline import latent_stats_path
-
-    return LayerStats.load(latent_stats_path(params, run, out_dir))
 
 
 @torch.no_grad()

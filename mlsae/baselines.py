@@ -13,8 +13,9 @@ from collections.abc import Callable
 import torch
 from transformer_lens import HookedTransformer
 
-from mlsae.activations import ActivationCache, take_tokens
-from mlsae.metrics import ReconstructionStats, delta_ce_kl
+from mlsae.activations import ActivationCache, residual_stream, take_tokens
+from mlsae.patching import delta_ce_kl
+from mlsae.reconstruction import ReconstructionStats
 from mlsae.sae import MLSAE
 
 
@@ -42,11 +43,9 @@ def delta_ce_matrix(
     """``(train layer, eval layer)`` delta CE and KL (per predicted token) on ``tokens``.
 
     Returns ``(delta_ce, kl, n)``, ``n`` the predictions averaged over (positions whose input or
-    target is a special token excluded, as in `mlsae.metrics.delta_ce_kl`). ``bf16``: the
-    forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`).
+    target is a special token excluded, as in `mlsae.patching.delta_ce_kl`). ``bf16``: the
+    forwards under bfloat16 autocast (`mlsae.patching.delta_ce_kl`).
     """
-    from mlsae.activations import residual_stream
-
     resid = residual_stream(model, tokens)
     d_ce = torch.zeros(len(saes), len(layers), dtype=torch.float64)
     kl = torch.zeros_like(d_ce)

@@ -9,7 +9,8 @@ the weighted sums. The standard error is the standard deviation of the replicate
 * FVU at a layer: :math:`\sum_c w_c E_c / (\sum_c w_c Q_c - \|\sum_c w_c S_c\|^2 / \sum_c w_c
   N_c)` with, per context, :math:`E_c` the summed squared error, :math:`Q_c = \sum_t \|x_t\|^2`,
   :math:`S_c = \sum_t x_t` and :math:`N_c` its token count: the per-dimension mean is
-  re-estimated in each replicate, so the replicate is exactly the FVU of the resampled set.
+  re-estimated in each replicate, so the replicate is exactly the FVU of the resampled set:
+  `mlsae.reconstruction.fvu_from_sums` of the weighted sums, the evaluation's own definition.
 
 The mean over layers is resampled jointly (the same contexts at every layer), so its standard
 error accounts for the correlation between layers.
@@ -18,6 +19,8 @@ error accounts for the correlation between layers.
 from __future__ import annotations
 
 import torch
+
+from mlsae.reconstruction import fvu_from_sums
 
 N_BOOT = 1000
 
@@ -47,6 +50,8 @@ def fvu_replicates(
 ) -> torch.Tensor:
     """Replicates ``(n_boot, layer)`` of the FVU (module docstring).
 
+    The arguments are `mlsae.reconstruction.ReconstructionStats.group_sums`.
+
     Args:
         sse: ``(unit, layer)`` summed squared reconstruction errors.
         sq: ``(unit, layer)`` summed squared norms of the inputs.
@@ -56,9 +61,8 @@ def fvu_replicates(
     """
     w = w.double()
     total_n = w @ n.double()  # (boot,)
-    s = torch.einsum("bu,uld->bld", w, sum_x.double())
-    total = w @ sq.double() - s.pow(2).sum(-1) / total_n[:, None]
-    return (w @ sse.double()) / total
+    s = torch.einsum("bu,uld->bld", w, sum_x.double())  # (boot, layer, d)
+    return fvu_from_sums(w @ sse.double(), w @ sq.double(), s, total_n[:, None])
 
 
 def standard_errors(replicates: torch.Tensor) -> tuple[list[float], float]:

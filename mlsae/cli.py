@@ -4,7 +4,8 @@
 the committed ones (`mlsae.verify`); ``preset`` prints the ``dvc exp run -S`` arguments that
 switch params.yaml to a preset file (`mlsae.presets`); ``export-layers`` writes a trained run as one
 SAELens SAE per layer (`mlsae.saelens.save_layer_views`); ``plots-template`` writes a
-``dvc plots show`` template that renders without internet access (`mlsae.dvcplots`).
+``dvc plots show`` template that renders without internet access (`mlsae.dvcplots`); ``deps``
+prints (``--write``: puts into dvc.yaml) each stage's ``mlsae/`` dependencies (`mlsae.stagedeps`).
 
 Under ``torchrun --nproc_per_node N -m mlsae train RUN`` the run is data-parallel over N
 processes. The source (cache or stream) and every setting come from the params file.
@@ -19,17 +20,23 @@ from pathlib import Path
 
 import torch
 
-from mlsae import config, pipeline
-from mlsae.train import init_distributed, train
+from mlsae import config, paths, saelens, stagedeps
+from mlsae.activations import ActivationCache
+from mlsae.dvcplots import offline_template
+from mlsae.presets import preset_arguments
+from mlsae.stages.runs import run_lens, sweep_entry
+from mlsae.stages.train import train_config, training_source
+from mlsae.train import init_distributed, load_checkpoint, load_sae, train
+from mlsae.verify import verify
 
 
 def train_command(args: argparse.Namespace) -> None:
     """Train sweep entry ``args.run`` from the source ``train.source`` names."""
     params = config.load(args.params)
     device = init_distributed(params.base.device)
-    lens, lens_sha = pipeline.run_lens(params, args.run, args.out, device)
-    cfg = replace(pipeline.train_config(params, args.run, lens_sha=lens_sha), device=device)
-    source = pipeline.training_source(params, args.out, device=device)
+    lens, lens_sha = run_lens(params, args.run, args.out, device)
+    cfg = replace(train_config(params, args.run, lens_sha=lens_sha), device=device)
+    source = training_source(params, args.out, device=device)
     run_dir = args.run_dir or Path(args.out) / params.base.cache_dir / "runs" / args.run
     train(cfg, source, run_dir, lens=lens, progress=not args.no_progress)
     if torch.distributed.is_initialized():
@@ -38,8 +45,6 @@ def train_command(args: argparse.Namespace) -> None:
 
 def verify_command(args: argparse.Namespace) -> None:
     """Print what moved beyond the tolerance; exit 1 if anything did."""
-    from mlsae.verify import verify
-
     changes = verify(args.root, args.rev, args.rtol, args.atol)
     print(
         "\n".join(changes)
@@ -51,45 +56,45 @@ def verify_command(args: argparse.Namespace) -> None:
 
 def preset_command(args: argparse.Namespace) -> None:
     """Print the -S arguments for ``dvc exp run``."""
-    from mlsae.presets import preset_arguments
-
     config.load(args.preset)  # a preset with a typo fails here, not halfway through a run
     print(preset_arguments(args.params, args.preset))
 
 
 def export_layers_command(args: argparse.Namespace) -> None:
     """Write ``<out>/<run>/layer_<L>`` SAELens views of a trained run."""
-    from mlsae import saelens
-    from mlsae.train import load_sae
-
     params = config.load(args.params)
-    entry = pipeline.sweep_entry(params, args.run)
+    entry = sweep_entry(params, args.run)
     if entry.lens:
         raise SystemExit(saelens.LENS_ERROR)
-    from mlsae.activations import ActivationCache
-    from mlsae.train import load_checkpoint
-
-    ckpt = pipeline.run_dir(params, args.run, args.root) / "checkpoint.pt"
+    ckpt = paths.run_dir(params, args.run, args.root) / "checkpoint.pt"
     sae = load_sae(ckpt)
     layers = load_checkpoint(ckpt)["train_config"].get("layers")
     if layers is None:  # every layer: as many as the test cache holds
         layers = list(
             range(
                 args.n_layers
-                or ActivationCache(pipeline.cache_paths(params, args.root)["test"]).n_layers
+                or ActivationCache(paths.cache_paths(params, args.root)["test"]).n_layers
             )
         )
     folder = Path(args.out or Path(args.root) / params.base.cache_dir / "saelens" / args.run)
-    paths = saelens.save_layer_views(
+    views = saelens.save_layer_views(
         sae, folder, params.base.model, list(layers), extra={"run": args.run}
     )
-    print(f"{len(paths)} SAELens views of {args.run} in {folder}")
+    print(f"{len(views)} SAELens views of {args.run} in {folder}")
+
+
+def deps_command(args: argparse.Namespace) -> None:
+    """Print each stage's mlsae/ deps (its notebook's imports); --write: into dvc.yaml."""
+    if args.write:
+        changed = stagedeps.write_dvc_yaml(Path(args.root))
+        print(f"dvc.yaml: mlsae/ deps rewritten for {', '.join(changed) or 'no stage'}")
+        return
+    for stage, files in stagedeps.expected_deps(Path(args.root)).items():
+        print(f"{stage}: {' '.join(files)}")
 
 
 def plots_template_command(args: argparse.Namespace) -> None:
     """Write the offline template for ``dvc plots show --html-template``."""
-    from mlsae.dvcplots import offline_template
-
     print(offline_template(args.path))
 
 
@@ -121,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--out", default=None, help="folder (default <cache_dir>/saelens/<run>)")
     e.add_argument("--n-layers", type=int, default=None, help="layers, if not in the checkpoint")
     e.set_defaults(func=export_layers_command)
+    d = commands.add_parser(
+        "deps", help="each DVC stage's mlsae/ deps, from its notebook's imports"
+    )
+    d.add_argument("--root", default=".", help="the repository")
+    d.add_argument("--write", action="store_true", help="rewrite them in dvc.yaml")
+    d.set_defaults(func=deps_command)
     t = commands.add_parser("plots-template", help="dvc plots HTML template that works offline")
     t.add_argument("path", nargs="?", default="dvc_plots/offline_template.html")
     t.set_defaults(func=plots_template_command)

@@ -25,6 +25,20 @@ AUTOCAST = ("bfloat16", "float16", "none")
 LR_DECAYS = ("none", "linear", "cosine")
 LENS_INITS = ("regression", "identity")
 
+HUB_REPO = "AlignmentResearch/tuned-lens"
+_PYTHIA_WITH_LENS = ("70m", "160m", "410m", "1.4b", "2.8b", "6.9b", "12b")
+PUBLISHED_LENSES = frozenset(
+    [f"EleutherAI/pythia-{size}-deduped" for size in _PYTHIA_WITH_LENS]
+    + ["gpt2", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neox-20b"]
+)
+"""Model ids with a lens under ``lens/<model id>/`` in the `HUB_REPO` space (not Pythia-1b)."""
+
+
+def local_lens_folder(model: str, lens_dir: str | Path) -> Path | None:
+    """``lens_dir/lens/<model>`` when it holds a lens (config.json and params.pt), else None."""
+    folder = Path(lens_dir) / "lens" / model
+    return folder if (folder / "config.json").exists() and (folder / "params.pt").exists() else None
+
 
 @dataclass
 class Base:
@@ -253,6 +267,30 @@ def _positive(key: str, value) -> None:
         raise ConfigError(f"{key} must be positive, got {value}.")
 
 
+def validate_train(t: Train, key: str = "train") -> None:
+    """Check the ``train`` section (also run by `mlsae.train.TrainConfig`)."""
+    for name in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux", "grad_accum"):
+        _positive(f"{key}.{name}", getattr(t, name))
+    _positive(f"{key}.epochs", t.epochs)
+    if t.lr_warmup_tokens < 0:
+        raise ConfigError(f"{key}.lr_warmup_tokens must be >= 0, got {t.lr_warmup_tokens}.")
+    _one_of(f"{key}.lr_decay", t.lr_decay, LR_DECAYS)
+    _one_of(f"{key}.source", t.source, SOURCES)
+    _one_of(f"{key}.stream_autocast", t.stream_autocast, AUTOCAST)
+    if t.shuffle_tokens < 0 or 0 < t.shuffle_tokens < t.batch_tokens:
+        raise ConfigError(
+            f"{key}.shuffle_tokens = {t.shuffle_tokens} is smaller than one batch "
+            f"({key}.batch_tokens = {t.batch_tokens}); use 0 to turn shuffling off."
+        )
+
+
+def validate_run(run: Run, key: str) -> None:
+    """Check one sweep entry (``key``: its dotted name, for the message)."""
+    _positive(f"{key}.train_tokens", run.train_tokens)
+    _positive(f"{key}.expansion_factor", run.expansion_factor)
+    _positive(f"{key}.k", run.k)
+
+
 def validate(
     p: Params, d_model: int | None = None, n_ctx: int | None = None, n_layers: int | None = None
 ) -> None:
@@ -261,20 +299,8 @@ def validate(
         _positive(f"data.{key}", getattr(p.data, key))
     if not 0 < p.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {p.data.test_fraction}.")
-    for key in ("lr", "batch_tokens", "dead_tokens", "checkpoint_tokens", "k_aux", "grad_accum"):
-        _positive(f"train.{key}", getattr(p.train, key))
+    validate_train(p.train)
     _positive("data.shuffle_documents", p.data.shuffle_documents)
-    _positive("train.epochs", p.train.epochs)
-    if p.train.lr_warmup_tokens < 0:
-        raise ConfigError(f"train.lr_warmup_tokens must be >= 0, got {p.train.lr_warmup_tokens}.")
-    _one_of("train.lr_decay", p.train.lr_decay, LR_DECAYS)
-    _one_of("train.source", p.train.source, SOURCES)
-    _one_of("train.stream_autocast", p.train.stream_autocast, AUTOCAST)
-    if p.train.shuffle_tokens < 0 or 0 < p.train.shuffle_tokens < p.train.batch_tokens:
-        raise ConfigError(
-            f"train.shuffle_tokens = {p.train.shuffle_tokens} is smaller than one batch "
-            f"(train.batch_tokens = {p.train.batch_tokens}); use 0 to turn shuffling off."
-        )
     if p.train.source == "stream" and p.lens.train and any(r.lens for r in p.sweep.values()):
         raise ConfigError(
             "lens.train: true trains the lens on the training cache, which train.source: stream "
@@ -312,8 +338,6 @@ def validate(
             )
     with_lens = [name for name, run in p.sweep.items() if run.lens]
     if with_lens and not p.lens.train:
-        from mlsae.lens import PUBLISHED_LENSES, local_lens_folder
-
         model = p.base.model
         local = p.lens.lens_dir and local_lens_folder(model, p.lens.lens_dir)
         if model not in PUBLISHED_LENSES and not local:
@@ -328,9 +352,7 @@ def validate(
                 "lens.train: true to train one, or lens.lens_dir to a folder holding one."
             )
     for name, run in p.sweep.items():
-        _positive(f"sweep.{name}.train_tokens", run.train_tokens)
-        _positive(f"sweep.{name}.expansion_factor", run.expansion_factor)
-        _positive(f"sweep.{name}.k", run.k)
+        validate_run(run, f"{'lens_sweep' if run.lens else 'sweep'}.{name}")
         if d_model is not None:
             n_latents = int(round(run.expansion_factor * d_model))
             if run.k > n_latents:

@@ -37,6 +37,33 @@ import torch
 THRESHOLDS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 
+def layer_distribution(totals: torch.Tensor) -> dict[str, torch.Tensor]:
+    r"""Each latent's aggregated distribution over layers, and its mean, variance and entropy.
+
+    The definitions of the module docstring: :math:`p_{l,i}`, :math:`\mu_i`, :math:`\sigma^2_i`,
+    :math:`H_i` (nats). `LayerStats.compute` and the explorer both read them from here.
+
+    Args:
+        totals: ``(layer, latent)`` summed activations :math:`s_{l,i}`, float64.
+
+    Returns:
+        ``distribution`` ``(layer, latent)``; ``mass`` (:math:`\sum_l s_{l,i}`), ``mean_layer``,
+        ``variance`` and ``entropy``, each ``(latent,)``. A latent that never fired (mass 0)
+        gets zeros (not NaN: callers mask it, as `compute` does).
+    """
+    layers = torch.arange(totals.shape[0], dtype=torch.float64)[:, None]
+    mass = totals.sum(0)
+    p = totals / mass.clamp_min(1e-300)
+    mean_layer = (layers * p).sum(0)
+    return {
+        "distribution": p,
+        "mass": mass,
+        "mean_layer": mean_layer,
+        "variance": ((layers - mean_layer) ** 2 * p).sum(0),
+        "entropy": -(p * torch.log(p.clamp_min(1e-300))).sum(0),
+    }
+
+
 class LayerStats:
     """Streaming per-(layer, latent) statistics of an MLSAE's activations.
 
@@ -108,13 +135,9 @@ class LayerStats:
 
     def compute(self, min_tokens: int = 10) -> dict:
         """Per-latent statistics (tensors) and summary numbers."""
-        layers = torch.arange(self.n_layers, dtype=torch.float64)[:, None]
-        mass = self.totals.sum(0)
-        alive = mass > 0
-        p = self.totals / mass.clamp_min(1e-300)
-        mean_layer = (layers * p).sum(0)
-        var = ((layers - mean_layer) ** 2 * p).sum(0)
-        entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(0)
+        dist = layer_distribution(self.totals)
+        p, mean_layer, var = dist["distribution"], dist["mean_layer"], dist["variance"]
+        alive = dist["mass"] > 0
         per_token_var = self.token_var_sum / self.token_count.clamp_min(1)
         n_layers_above = torch.stack([(self.counts >= c).sum(0) for c in THRESHOLDS])
         frequent = self.token_count >= min_tokens
@@ -124,7 +147,7 @@ class LayerStats:
             "distribution": p,
             "mean_layer": torch.where(alive, mean_layer, float("nan")),
             "std_layer": torch.where(alive, var.sqrt(), float("nan")),
-            "entropy": torch.where(alive, entropy, float("nan")),
+            "entropy": torch.where(alive, dist["entropy"], float("nan")),
             "aggregated_variance": torch.where(alive, var, float("nan")),
             "per_token_variance": torch.where(alive, per_token_var, float("nan")),
             "n_layers_above": n_layers_above,

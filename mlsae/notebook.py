@@ -1,8 +1,11 @@
 """What every numbered notebook does first, and how it shows tables and explanations.
 
-``P, out_dir = setup(params_path, out_dir)`` replaces the nine copies of the setup cell: it reads
-and validates params.yaml, seeds torch, applies the figure style, and sends log lines (training
+``P, out_dir = setup(params_path, out_dir)`` replaces the copies of the setup cell: it reads and
+validates params.yaml, seeds torch, and sends log lines (training
 progress included) to stdout, where ``papermill --log-output`` prints them while the stage runs.
+With the notebooks' defaults (``None``) it finds the repository from the working directory, so a
+notebook opened in Jupyter (whose kernel starts in ``notebooks/``) reads and writes exactly
+where its DVC stage does.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ from pathlib import Path
 import torch
 
 from mlsae import config
+from mlsae.paths import repo_root
 
 
 def setup(
-    params_path: str | Path, out_dir: str | Path = ".", figures: bool = True
+    params_path: str | Path | None = None, out_dir: str | Path | None = None
 ) -> tuple[config.Params, Path]:
-    """Validated params and the output root; seeds, logging and (``figures``) the figure style.
+    """Validated params and the output root; seeds torch and sends log lines to stdout.
 
-    Stages that draw nothing pass ``figures=False`` and so never import `mlsae.plotting`: a
-    change to the figure code then does not make them stale in DVC's eyes.
+    ``params_path`` None: the repository's ``params.yaml``; ``out_dir`` None: the repository
+    (`mlsae.paths.repo_root`). Given paths are taken as they are (papermill runs the stages with
+    ``--cwd .`` and ``-p params_path params.yaml -p out_dir .``).
     """
     logging.basicConfig(
         level=logging.INFO,
@@ -32,10 +37,10 @@ def setup(
         force=True,
     )
     torch.manual_seed(0)
-    if figures:
-        from mlsae.plotting import setup_style
-
-        setup_style()
+    if params_path is None or out_dir is None:
+        root = repo_root()
+        params_path = root / "params.yaml" if params_path is None else params_path
+        out_dir = root if out_dir is None else out_dir
     return config.load(params_path), Path(out_dir)
 
 

@@ -2,7 +2,9 @@
 
 No backend is forced: in a Jupyter kernel (papermill included) matplotlib uses the inline
 backend, so `save_figure` displays the figure in the notebook before closing it; elsewhere
-(scripts, tests, no display) matplotlib falls back to Agg by itself.
+(scripts, tests, no display) matplotlib falls back to Agg by itself. Importing this module
+applies the house style (`setup_style`): only the notebooks that draw import it, so a change to
+the figure code never makes a stage that draws nothing stale.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def setup_style() -> None:
             "figure.constrained_layout.use": True,
         }
     )
+
+
+setup_style()
 
 
 def line_grid(*axes) -> None:

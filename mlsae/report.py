@@ -1,7 +1,9 @@
 """The sentences under each notebook's figure, filled in from the results.
 
 Each says what the figure shows and what the paper reports beside it (Lawson et al. 2025;
-numbers from the paper's text and Table 1).
+numbers from the paper's text and Table 1). Every fact about our own setup (model, corpus, lens,
+layer count, budgets) comes from the params, the model or the results passed in, so the text
+stays true for the default (SmolLM2 on Brown) and for the paper preset (Pythia on the Pile).
 
 Each function takes the stage's own results and returns markdown; notebooks pass it to
 `mlsae.notebook.explain`. Nothing here computes a metric.
@@ -10,6 +12,9 @@ Each function takes the stage's own results and returns markdown; notebooks pass
 from __future__ import annotations
 
 import math
+import re
+
+from mlsae import config
 
 PAPER_TABLE1 = {  # R = 64, k = 32: FVU (the original code's definition), L1, delta CE (nats)
     "Pythia-70m": (0.097, 66.5, 0.565),
@@ -19,6 +24,11 @@ PAPER_TABLE1 = {  # R = 64, k = 32: FVU (the original code's definition), L1, de
 PAPER_VARIANCE_RATIO = 100.0
 """Section 4.2: aggregated over tokens, a latent's variance over layers is ~two orders of magnitude
 its per-token variance."""
+PAPER_RUN = {"expansion_factor": 64, "k": 32, "train_tokens": 1_000_000_000}
+"""The setup of the paper's Table 1 rows: R = 64, k = 32, 1B training tokens of the Pile."""
+SETTLED = 0.05
+"""`lens`: a relative change of the training KL under this between the last two quarters of the
+steps is "settled"."""
 
 
 def _source(params) -> str:
@@ -29,21 +39,85 @@ def _pm(value: float, se: float | None) -> str:
     return f"{value:.3f}" if se is None or math.isnan(se) else f"{value:.3f} ± {se:.3f}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _label_kind(params) -> str:
+    """What a corpus's document labels are: Brown's genres, a text corpus's file names."""
+    corpus = params.base.corpus
+    if corpus == "brown":
+        return "Brown genres"
+    if corpus.startswith("text:"):
+        return "document labels (file names)"
+    return "document labels"
+
+
+def _paper_row(model: str) -> str | None:
+    """The PAPER_TABLE1 row of a Pythia model id (deduped or not), or None."""
+    match = re.fullmatch(r"(?:EleutherAI/)?pythia-(70m|160m)(?:-deduped)?", model, re.IGNORECASE)
+    return f"Pythia-{match.group(1).lower()}" if match else None
+
+
+def _is_pile(corpus: str) -> bool:
+    return "pile" in corpus.lower()
+
+
+def lens_verdict(history: list[float]) -> tuple[float, str] | None:
+    """The lens training's trend: relative change and ``rising``/``still falling``/``settled``.
+
+    The change is of the mean training KL over the last quarter of the steps against the quarter
+    before; under `SETTLED` either way is settled. None for under 8 steps.
+    """
+    if len(history) < 8:
+        return None
+    q = len(history) // 4
+    first, last = sum(history[-2 * q : -q]) / q, sum(history[-q:]) / q
+    if first == 0:
+        change = 0.0 if last == 0 else math.copysign(math.inf, last)
+    else:
+        change = (last - first) / abs(first)
+    if change > SETTLED:
+        return change, "rising"
+    if change < -SETTLED:
+        return change, "still falling"
+    return change, "settled"
+
+
 def data_mix(summary: dict, params) -> str:
     """Stage 01: what the caches hold."""
+    kind = _label_kind(params)
     lines = [f"**Data** ({_source(params)}):"]
     for split, s in summary.items():
         if s.get("source") == "stream":
             lines.append(f"- {split}: none cached; training runs the model on the fly.")
             continue
-        lines.append(
+        text = (
             f"- {split}: {s['tokens']:,} tokens in {s['contexts']} contexts from "
-            f"{s['documents']} documents covering {s['labels']} document labels (Brown genres)."
+            f"{s['documents']} documents"
         )
-    lines.append(
-        "Contexts are sampled across every document of the split, so even this small budget "
-        "spans the corpus; the paper streams 1B tokens of the Pile in order."
+        if s["labels"]:
+            text += f" covering {s['labels']} {kind}."
+        else:
+            text += f" with no document labels ({params.base.corpus} has none)."
+        lines.append(text)
+    if params.base.corpus.startswith("hf:"):
+        sampling = (
+            "Cached contexts are the first of the streamed split after a shuffle buffer of "
+            f"{params.data.shuffle_documents:,} documents"
+        )
+    else:
+        sampling = (
+            "Cached contexts are sampled across every document of the split, so even a small "
+            "cache spans the corpus"
+        )
+    tokens = params.data.train_tokens
+    training = (
+        f"training streams {tokens:,} tokens through the model"
+        if params.train.source == "stream"
+        else f"training reads a cache of {tokens:,} tokens"
     )
+    lines.append(f"{sampling}; {training}. The paper streams 1B tokens of the Pile in order.")
     return "\n".join(lines)
 
 
@@ -51,16 +125,46 @@ def drift(result: dict, params) -> str:
     """Stage 02 (Figure 1)."""
     cos, centred, norm = result["cosine"], result["cosine_centred"], result["norm"]
     low = min(range(len(cos)), key=cos.__getitem__)
+    top = max(range(len(norm)), key=norm.__getitem__)
+    if top > 0:
+        growth = f"grows from {norm[0]:.1f} at layer 0 to {norm[top]:.1f} at layer {top}"
+    else:
+        growth = f"is largest at layer 0 ({norm[0]:.1f}) and ends at {norm[-1]:.1f}"
     return (
         f"**What this shows** ({_source(params)}, {int(result['n_tokens'][0]):,} held-out tokens): "
         f"a token's residual vectors at adjacent block outputs have mean cosine similarity "
         f"{sum(cos) / len(cos):.3f} (lowest {cos[low]:.3f}, between layers {low} and {low + 1}); "
         f"with each layer's mean removed, {sum(centred) / len(centred):.3f}. The residual norm "
-        f"grows from {norm[0]:.1f} to {max(norm):.1f}.\n\n"
+        f"{growth}.\n\n"
         "**Against the paper** (Figure 1): adjacent layers are highly similar and the similarity "
         "grows with model size (Pythia 70m to 1.4b). One model here, so only the first half of "
         "the claim can be checked; it holds when the raw cosine stays high. The mean-centred "
         "curve shows how much of that similarity is a shared per-layer offset."
+    )
+
+
+def _lens_origin(params) -> str:
+    """Where this run's lens came from, and how that compares with the paper's."""
+    model, published = params.base.model, params.base.model in config.PUBLISHED_LENSES
+    if params.lens.train:
+        there = (
+            f"a published lens exists for {model} ({config.HUB_REPO}), but `lens.train` is true"
+            if published
+            else f"none is published for {model}"
+        )
+        return (
+            f"this lens was trained here on the training cache ({params.lens.steps} steps of "
+            f"{params.lens.batch_tokens} tokens, `lens` in the params file): {there}."
+        )
+    if params.lens.lens_dir:
+        where = f"`{params.lens.lens_dir}/lens/{model}`"
+        if published:
+            where += f" (or, where that folder holds none, the hub's {config.HUB_REPO})"
+        return f"this lens was loaded, not trained, from {where}."
+    same = " as the paper did" if published and "pythia" in model.lower() else ""
+    return (
+        f"this lens was loaded, not trained: the published tuned lens for {model} from the hub "
+        f"({config.HUB_REPO}){same}."
     )
 
 
@@ -74,19 +178,18 @@ def lens(logit: list[float], tuned: list[float], history: list[float], params) -
         f"distribution over the {n} non-final block outputs is {mean_t:.2f} nats for the tuned "
         f"lens and {mean_l:.2f} for the logit lens; the tuned lens is lower at {better} of {n}."
     )
-    if len(history) >= 8:
-        q = len(history) // 4
-        first, last = sum(history[-2 * q : -q]) / q, sum(history[-q:]) / q
-        change = (last - first) / first
-        verdict = "settled" if abs(change) < 0.05 else "still falling"
+    verdict = lens_verdict(history)
+    if verdict is not None:
+        change, word = verdict
         text += (
             f" Training KL over the last quarter of the steps moved {100 * change:+.1f}% against "
-            f"the quarter before ({verdict}: we call a change under 5% settled)."
+            f"the quarter before ({word}: we call a change under {100 * SETTLED:.0f}% settled)."
         )
+    elif not history and not params.lens.train:
+        text += " A loaded lens has no training curve."
     text += (
-        "\n\n**Against the paper**: the paper uses the published lenses of Belrose et al. (Pythia, "
-        "trained to convergence); SmolLM2 has none, so this one is trained here on the training "
-        "cache (`lens` in params.yaml)."
+        "\n\n**Against the paper**: the paper used the published tuned lenses of Belrose et al. "
+        f"for Pythia (trained to convergence); {_lens_origin(params)}"
     )
     return text
 
@@ -114,38 +217,81 @@ def run(result: dict, fit: dict | None, params, name: str) -> str:
     return text
 
 
+def _differences(params, entry, tokens: float | None) -> list[str]:
+    """What of model, corpus, size and budget differs from the paper's Table 1 setup."""
+    out = []
+    if _paper_row(params.base.model) is None:
+        out.append("model")
+    if not _is_pile(params.base.corpus):
+        out.append("corpus")
+    if (entry.expansion_factor, entry.k) != (PAPER_RUN["expansion_factor"], PAPER_RUN["k"]):
+        out.append("size")
+    if tokens is None or not math.isfinite(tokens):
+        tokens = entry.train_tokens or params.data.train_tokens
+    if abs(tokens - PAPER_RUN["train_tokens"]) > 0.01 * PAPER_RUN["train_tokens"]:
+        out.append("budget")
+    return out
+
+
 def table1(table, params) -> str:
     """Stage 06 (Table 1)."""
     base = params.analysis.baseline_run
+    entry = params.sweep[base]
     row = table[table["run"] == base].iloc[0]
-    p70 = PAPER_TABLE1["Pythia-70m"]
+    paper = _paper_row(params.base.model) or "Pythia-70m"
+    ref = PAPER_TABLE1[paper]
+    tokens = row["train tokens"] if "train tokens" in row else None
+    differ = _differences(params, entry, None if tokens is None else float(tokens))
+    if not differ:
+        verdict = (
+            "Model, corpus, size and budget are the paper's, so the paper's column is the one to "
+            "set beside the paper's numbers."
+        )
+    else:
+        names = ", ".join(differ[:-1]) + (" and " if len(differ) > 1 else "") + differ[-1]
+        verb = "differs" if len(differ) == 1 else "all differ" if len(differ) == 4 else "differ"
+        verdict = (
+            f"{names[0].upper()}{names[1:]} {verb} from the paper's, so the numbers show the same "
+            "regime rather than a reproduction."
+        )
     return (
-        f"**Table 1 for {_source(params)}**: {base} has FVU {row['FVU']:.3f} in our definition "
+        f"**Table 1 for {_source(params)}**: {base} (R = {entry.expansion_factor:g}, "
+        f"k = {entry.k}) has FVU {row['FVU']:.3f} in our definition "
         f"and {row['FVU (paper def.)']:.3f} in the paper's, L1 {row['L1']:.1f} and delta CE "
-        f"{_pm(row['delta CE'], row['delta CE SE'])} nats. The paper's Pythia-70m (R = 64, "
-        f"k = 32, 1B tokens) has FVU {p70[0]}, L1 {p70[1]} and delta CE {p70[2]}. The paper's "
-        "FVU divides by the variance of all entries around one scalar mean, ours by the spread "
-        "around each dimension's mean (larger denominators make the paper's smaller); compare "
-        "the paper's column with the paper. Model, corpus, size and budget all differ, so the "
-        "numbers show the same regime rather than a reproduction."
+        f"{_pm(row['delta CE'], row['delta CE SE'])} nats. The paper's {paper} (R = "
+        f"{PAPER_RUN['expansion_factor']}, k = {PAPER_RUN['k']}, 1B tokens of the Pile) has FVU "
+        f"{ref[0]}, L1 {ref[1]} and delta CE {ref[2]}. The paper's FVU divides by the variance "
+        "of all entries around one scalar mean, ours by the spread around each dimension's mean "
+        "(larger denominators make the paper's smaller); compare the paper's column with the "
+        f"paper. {verdict}"
     )
 
 
-def baselines(result: dict, params) -> str:
-    """Stage 07: single-layer SAEs vs the MLSAE."""
-    import numpy as np
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
 
-    fvu, ce = np.array(result["fvu"]), np.array(result["delta_ce"])
-    own_f, own_c = np.diag(fvu[:-1]), np.diag(ce[:-1])
+
+def baselines(result: dict, params) -> str:
+    """Stage 07: single-layer SAEs vs the MLSAE.
+
+    ``result["n_layers"]``: the model's layer count, which the MLSAE covers (absent: "every
+    layer").
+    """
+    fvu, ce = result["fvu"], result["delta_ce"]
+    own_f = [fvu[i][i] for i in range(len(fvu) - 1)]
+    own_c = [ce[i][i] for i in range(len(ce) - 1)]
+    n_layers = result.get("n_layers")
+    covered = "every layer" if n_layers is None else _plural(int(n_layers), "layer")
     return (
         f"**What this shows** ({_source(params)}): at the baseline layers "
         f"{result['layers']}, single-layer SAEs at their own layer reach mean FVU "
-        f"{own_f.mean():.3f} and delta CE {own_c.mean():.3f}; the MLSAE {result['run']}, one SAE "
-        f"for every layer with the same size and token budget, {fvu[-1].mean():.3f} and "
-        f"{ce[-1].mean():.3f} ({result['n_ce_tokens']:,} predictions). Off the diagonal a "
+        f"{_mean(own_f):.3f} and delta CE {_mean(own_c):.3f}; the MLSAE {result['run']}, one SAE "
+        f"for every layer with the same size and token budget, {_mean(fvu[-1]):.3f} and "
+        f"{_mean(ce[-1]):.3f} ({result['n_ce_tokens']:,} predictions). Off the diagonal a "
         "single-layer SAE is evaluated at layers it never saw.\n\n"
         "**Against the paper**: MLSAEs reach reconstruction and downstream loss comparable to "
-        "single-layer SAEs; here the MLSAE shares its budget with 30 layers and is compared at "
+        f"single-layer SAEs; here the MLSAE shares its budget with {covered} and is compared at "
         "equal size, so the gap is the price of covering every layer."
     )
 

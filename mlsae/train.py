@@ -17,97 +17,86 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mlsae.activations import ActivationCache
-from mlsae.config import LR_DECAYS
+from mlsae.config import Run, Train, validate_run, validate_train
 from mlsae.sae import MLSAE
-from mlsae.sources import CacheSource, TrainingSource, block_size
+from mlsae.schedule import lr_factor
+from mlsae.sources import CacheSource, TrainingSource
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one SAE training run (paper defaults where the paper gives one)."""
+    """One SAE training run: its size and the shared training settings, as params.yaml has them.
 
-    expansion_factor: float = 64
-    """R = n_latents / d_model."""
-    k: int = 32
-    """Latents kept per vector."""
-    k_aux: int | None = None
-    """Dead latents used by AuxK (None: the power of 2 nearest d_model / 2)."""
-    aux_coef: float = 1 / 32
-    """AuxK coefficient alpha."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead after this many tokens without firing."""
-    select_bf16: bool = False
-    """Choose the top-k with a bfloat16 encoder matmul in training (see `MLSAE`)."""
-    lr: float = 1e-4
-    """Adam learning rate (paper: 1e-4, no schedule, no weight decay)."""
-    lr_warmup_tokens: int = 0
-    """Linear warm-up from 0 over this many tokens (0: none; `lr_factor`)."""
-    lr_decay: str = "none"
-    """``none`` (the paper), ``linear`` or ``cosine`` decay to 0 at the token budget."""
-    adam_eps: float = 6.25e-10
-    """Adam epsilon (paper: 6.25e-10)."""
-    batch_tokens: int = 256
-    """Tokens per optimizer step; each contributes one vector per trained layer."""
+    ``run`` (expansion factor, k) and ``train`` (learning rate, batch, AuxK, shuffling, ...) are
+    the validated `mlsae.config` sections themselves, so their defaults live in one place; the
+    rest is what a stage decides for this run (its budget, layers, seed and device). For flat
+    keywords (``TrainConfig.of(k=4, lr=3e-3)``) see `of`.
+    """
+
+    run: Run = field(default_factory=Run)
+    """Size of the SAE (``sweep.<name>`` in params.yaml)."""
+    train: Train = field(default_factory=Train)
+    """Shared training settings (``train`` in params.yaml)."""
     max_tokens: int | None = None
     """Training budget in tokens (None: one pass over the source)."""
-    shuffle_tokens: int = 0
-    """Token shuffle block (`mlsae.sources.shuffled_batches`); 0: read in stream order."""
     layers: list[int] | None = None
     """Layers to train on (None: all, the MLSAE; one layer: a single-layer baseline)."""
     seed: int = 0
     """Seed of the SAE initialisation."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (per process; DDP multiplies by the world size)."""
-    checkpoint_every: int | None = None
-    """Write a checkpoint every this many tokens (None: only at the end)."""
-    log_every: int = 10
-    """Write a log line every this many steps."""
     device: str = "cpu"
     """Training device."""
+    log_every: int = 10
+    """Write a log line every this many steps."""
     extra: dict = field(default_factory=dict)
-    """Free-form metadata saved with the run (model, corpus, lens)."""
+    """Free-form metadata saved with the run (run name, model, corpus, lens hash)."""
 
     def __post_init__(self):
-        if self.expansion_factor <= 0:
-            raise ValueError(f"expansion_factor must be positive, got {self.expansion_factor}.")
-        if self.batch_tokens <= 0:
-            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}.")
-        if self.k <= 0:
-            raise ValueError(f"k must be positive, got {self.k}.")
-        if self.grad_accum <= 0:
-            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}.")
-        block_size(self.batch_tokens, self.shuffle_tokens)  # a buffer smaller than a batch raises
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}.")
+        if isinstance(self.run, dict):  # read back from a checkpoint
+            self.run = Run(**self.run)
+        if isinstance(self.train, dict):
+            self.train = Train(**self.train)
+        validate_run(self.run, "run")
+        validate_train(self.train)
+
+    @classmethod
+    def of(cls, **settings) -> TrainConfig:
+        """A config from flat keywords, each given to the section (or field) that has it."""
+        own = {f.name for f in fields(cls)} - {"run", "train"}
+        sections = {
+            name: {f.name for f in fields(c)} for name, c in (("run", Run), ("train", Train))
+        }
+        top, nested = {}, {name: {} for name in sections}
+        for key, value in settings.items():
+            where = [name for name, names in sections.items() if key in names]
+            if key in own:
+                top[key] = value
+            elif where:
+                nested[where[0]][key] = value
+            else:
+                raise TypeError(f"TrainConfig has no setting {key!r}.")
+        return cls(run=Run(**nested["run"]), train=Train(**nested["train"]), **top)
+
+    def flat(self) -> dict:
+        """Every setting under its own name (``k``, ``lr``, ``max_tokens``, ...) and ``extra``."""
+        return flatten_config(asdict(self))
 
 
-def lr_factor(tokens: int, budget: int, warmup: int = 0, decay: str = "none") -> float:
-    """Learning-rate multiplier of the step that starts after ``tokens`` of a ``budget``.
-
-    ``min(1, (tokens + 1) / warmup)`` times 1 (``none``), ``1 - tokens / budget`` (``linear``) or
-    ``(1 + cos(pi tokens / budget)) / 2`` (``cosine``). A function of tokens alone, so a resumed
-    run takes the same steps.
-    """
-    factor = min(1.0, (tokens + 1) / warmup) if warmup else 1.0
-    frac = min(1.0, tokens / budget) if budget else 0.0
-    if decay == "linear":
-        factor *= 1.0 - frac
-    elif decay == "cosine":
-        factor *= 0.5 * (1.0 + math.cos(math.pi * frac))
-    return factor
+def flatten_config(saved: dict) -> dict:
+    """A saved `TrainConfig` (``asdict``) as one flat mapping, ``extra``'s keys included."""
+    out = {k: v for k, v in saved.items() if k not in ("run", "train", "extra")}
+    return {**saved.get("run", {}), **saved.get("train", {}), **out, **saved.get("extra", {})}
 
 
 class NonFiniteError(RuntimeError):
@@ -119,12 +108,12 @@ def build_sae(cfg: TrainConfig, d_model: int) -> MLSAE:
     torch.manual_seed(cfg.seed)
     return MLSAE(
         d_model=d_model,
-        n_latents=int(round(cfg.expansion_factor * d_model)),
-        k=cfg.k,
-        k_aux=cfg.k_aux,
-        aux_coef=cfg.aux_coef,
-        dead_tokens=cfg.dead_tokens,
-        select_bf16=cfg.select_bf16,
+        n_latents=int(round(cfg.run.expansion_factor * d_model)),
+        k=cfg.run.k,
+        k_aux=cfg.train.k_aux,
+        aux_coef=cfg.train.aux_coef,
+        dead_tokens=cfg.train.dead_tokens,
+        select_bf16=cfg.train.select_bf16,
     )
 
 
@@ -187,7 +176,7 @@ def as_source(data: ActivationCache | TrainingSource, cfg: TrainConfig) -> Train
     A `TrainingSource` brings its own shuffle settings and layers (``cfg.layers`` must match).
     """
     if isinstance(data, ActivationCache):
-        return TrainingSource(CacheSource(data, cfg.layers), cfg.shuffle_tokens, cfg.seed)
+        return TrainingSource(CacheSource(data, cfg.layers), cfg.train.shuffle_tokens, cfg.seed)
     return data
 
 
@@ -203,7 +192,7 @@ def train(
 
     Args:
         cfg: hyperparameters.
-        data: an `ActivationCache` (read through ``cfg.shuffle_tokens``), or a
+        data: an `ActivationCache` (read through ``cfg.train.shuffle_tokens``), or a
             `mlsae.sources.TrainingSource` (a cache or the model run on the fly).
         run_dir: folder for ``checkpoint.pt`` and ``log.jsonl``.
         lens: optional `mlsae.lens.TunedLens`; the SAE then learns lens-space vectors.
@@ -221,7 +210,7 @@ def train(
     budget = min(t for t in (cfg.max_tokens, source.n_tokens) if t is not None)
 
     sae = build_sae(cfg, source.d_model).to(cfg.device)
-    opt = adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = adam(sae.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     tokens_seen, step = 0, 0
     prev_path = ckpt_path.with_name(ckpt_path.name + ".prev")
     if resume and not ckpt_path.exists() and prev_path.exists():
@@ -261,10 +250,10 @@ def train(
         )
 
     rank, world = dist_info()
-    step_tokens = cfg.batch_tokens * cfg.grad_accum * world
+    step_tokens = cfg.train.batch_tokens * cfg.train.grad_accum * world
     if not bool(sae.b_pre_initialized):
         # Every rank initialises b_pre from the same first batch, so no broadcast is needed.
-        x0 = next(source.batches(cfg.batch_tokens)).to(cfg.device)  # rank 0's first batch
+        x0 = next(source.batches(cfg.train.batch_tokens)).to(cfg.device)  # rank 0's first batch
         if lens is not None:
             with torch.no_grad():
                 x0 = lens.transform_layers(x0, layers)
@@ -273,8 +262,8 @@ def train(
     if world > 1:
         # Buffers (dead-latent counters) are reduced by hand at each step, not broadcast.
         module = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
-    micro = source.batches(cfg.batch_tokens, step * cfg.grad_accum, rank, world)
-    next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
+    micro = source.batches(cfg.train.batch_tokens, step * cfg.train.grad_accum, rank, world)
+    next_ckpt = _next_multiple(tokens_seen, cfg.train.checkpoint_tokens)
     show = progress and rank == 0
     bar = tqdm(total=budget, initial=tokens_seen, unit="tok", desc="train", disable=not show)
     sae.train()
@@ -285,11 +274,11 @@ def train(
             opt.zero_grad(set_to_none=True)
             fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=cfg.device)
             losses = torch.zeros(2, device=cfg.device)  # summed FVU and AuxK of the micro-batches
-            for a in range(cfg.grad_accum):
+            for a in range(cfg.train.grad_accum):
                 x = next(micro, None)
                 # An incomplete step is dropped (a 1-token single-layer batch has no variance);
                 # every rank stops together, since ranks' parts of a stream may differ in length.
-                if _any_rank(x is None or x.shape[1] < cfg.batch_tokens, cfg.device):
+                if _any_rank(x is None or x.shape[1] < cfg.train.batch_tokens, cfg.device):
                     raise _EndOfData
                 x = x.to(cfg.device)  # (layer, token, d_model)
                 if _any_rank(not torch.isfinite(x).all(), cfg.device):
@@ -300,7 +289,7 @@ def train(
                 if lens is not None:
                     with torch.no_grad():  # the lens is fixed: no graph through its weights
                         x = lens.transform_layers(x, layers)
-                sync = world == 1 or a == cfg.grad_accum - 1
+                sync = world == 1 or a == cfg.train.grad_accum - 1
                 with nullcontext() if sync else module.no_sync():
                     out = module(x)
                     if _any_rank(not torch.isfinite(out.loss), cfg.device):
@@ -308,7 +297,7 @@ def train(
                             f"Non-finite loss at step {step} (tokens {tokens_seen}); last good "
                             f"checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}."
                         )
-                    (out.loss / cfg.grad_accum).backward()
+                    (out.loss / cfg.train.grad_accum).backward()
                 fired |= sae.fired_mask(out.indices, out.values)
                 losses += torch.stack([out.fvu.detach(), out.auxk_loss.detach()])
             if world > 1:  # a latent fired if it fired on any rank
@@ -317,8 +306,8 @@ def train(
                 fired = fired_int.bool()
             sae.remove_parallel_grad_()
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(
-                    tokens_seen, budget, cfg.lr_warmup_tokens, cfg.lr_decay
+                group["lr"] = cfg.train.lr * lr_factor(
+                    tokens_seen, budget, cfg.train.lr_warmup_tokens, cfg.train.lr_decay
                 )
             opt.step()
             sae.normalize_decoder_()
@@ -330,7 +319,7 @@ def train(
                 # the step's mean over its micro-batches and, under DDP, over the ranks
                 if world > 1:
                     torch.distributed.all_reduce(losses)
-                means = losses.double().cpu() / (cfg.grad_accum * world)
+                means = losses.double().cpu() / (cfg.train.grad_accum * world)
                 row = {
                     "step": step,
                     "tokens": tokens_seen,
@@ -346,7 +335,7 @@ def train(
             if next_ckpt is not None and tokens_seen >= next_ckpt:
                 if rank == 0:
                     checkpoint()
-                next_ckpt = _next_multiple(tokens_seen, cfg.checkpoint_every)
+                next_ckpt = _next_multiple(tokens_seen, cfg.train.checkpoint_tokens)
     except _EndOfData:
         if budget - tokens_seen >= step_tokens:  # more than the last, incomplete step is missing
             logger.warning(
@@ -387,12 +376,13 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-RESUMABLE_CHANGES = {"max_tokens", "checkpoint_every", "log_every", "device"}
+RESUMABLE_CHANGES = {"max_tokens", "checkpoint_tokens", "epochs", "log_every", "device"}
 """Settings a run may change between resumes; any other change starts the run afresh."""
 
 
 def same_run(saved: dict, current: dict) -> bool:
     """Whether a checkpoint's training config describes the same run as ``current``."""
+    saved, current = flatten_config(saved), flatten_config(current)
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
     if current.get("lr_decay", "none") != "none":
         keys.add("max_tokens")  # the decay is a function of the budget

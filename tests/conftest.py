@@ -105,7 +105,7 @@ def smollm2_hf():
 
 @pytest.fixture(scope="session")
 def brown():
-    from mlsae.data import load_corpus
+    from mlsae.corpora import load_corpus
 
     return load_corpus("brown")
 

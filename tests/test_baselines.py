@@ -4,7 +4,7 @@ from conftest import build_cache
 
 from mlsae.activations import residual_stream
 from mlsae.baselines import delta_ce_matrix, fvu_matrix
-from mlsae.metrics import delta_ce_kl
+from mlsae.patching import delta_ce_kl
 from mlsae.sae import MLSAE
 
 

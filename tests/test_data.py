@@ -2,8 +2,18 @@ import re
 
 import pytest
 import torch
+from conftest import WORDS
 
-from mlsae.data import load_corpus, split_documents, strip_brown_tags, token_batches
+from mlsae.corpora import load_corpus, strip_brown_tags
+from mlsae.data import (
+    document_contexts,
+    document_order,
+    sample_contexts,
+    shuffled_documents,
+    special_ids,
+    split_documents,
+    token_batches,
+)
 
 
 def test_unknown_corpus_is_a_clear_error():
@@ -60,6 +70,41 @@ def test_token_batches_respect_max_tokens(tokenizer):
     assert sum(b.numel() for b in batches) == 40
 
 
+DOCS = [" ".join([w] * (3 + i % 7) + ["the", "cat", "sat"]) for i, w in enumerate(WORDS[4:16])]
+"""Twelve documents of 6 to 12 words, each with a word of its own."""
+
+
+def test_shuffled_documents_follow_document_order():
+    docs = [f"doc {i}" for i in range(30)]
+    order = document_order(len(docs), seed=7)
+    assert sorted(order) == list(range(30)) and order != list(range(30))
+    assert shuffled_documents(docs, 7) == [docs[i] for i in order]
+    assert document_order(30, 7) == order and document_order(30, 8) != order
+
+
+def test_sample_contexts_draws_from_every_context_of_the_seeded_document_order(tokenizer):
+    """The cache's contexts, pinned: every context of the documents in `document_order`, then a
+    seeded (``seed + 1``) draw without replacement; document ids index the documents as given."""
+    seed, length = 3, 8
+    got = sample_contexts(DOCS, tokenizer, length, 10, seed)
+    bos, eos = special_ids(tokenizer)
+    order = torch.randperm(len(DOCS), generator=torch.Generator().manual_seed(seed))
+    every = list(document_contexts([DOCS[i] for i in order], tokenizer, length, bos, eos))
+    chosen = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed + 1))[:10]
+    assert len(got) == 10 and len(every) > 10
+    for context, i in zip(got, chosen.tolist(), strict=True):
+        assert torch.equal(context.tokens, every[i].tokens)
+        assert torch.equal(context.docs, order[every[i].docs])
+    for context in got:  # each position's document: a run of that document's tokens (or EOS)
+        for d in context.docs[1:].unique().tolist():
+            text = tokenizer(DOCS[d], add_special_tokens=False)["input_ids"] + [eos]
+            own = context.tokens[1:][context.docs[1:] == d].tolist()
+            assert any(text[i : i + len(own)] == own for i in range(len(text))), (d, own)
+    assert [c.tokens.tolist() for c in sample_contexts(DOCS, tokenizer, length, 10, seed)] == [
+        c.tokens.tolist() for c in got
+    ]
+
+
 @pytest.mark.slow
 def test_brown_corpus(brown):
     assert len(brown) == 500
@@ -94,7 +139,7 @@ def test_hash_split_is_disjoint_complete_seeded_and_order_free():
 def test_hf_corpus_is_streamed_not_loaded(monkeypatch):
     import datasets
 
-    from mlsae.data import iter_corpus
+    from mlsae.corpora import iter_corpus
 
     calls = []
 
@@ -107,3 +152,34 @@ def test_hf_corpus_is_streamed_not_loaded(monkeypatch):
     assert calls == []  # nothing read until iterated
     assert next(iter(docs)) == "doc 0" and calls == [("some/dataset", "validation", True)]
     assert load_corpus("hf:some/dataset", max_documents=3) == ["doc 0", "doc 1", "doc 2"]
+
+
+def _tarball(path, names):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+    return path
+
+
+@pytest.mark.parametrize("with_filter", [True, False])
+def test_npm_tarball_unpacks_on_any_python_311_and_refuses_escaping_members(
+    tmp_path, monkeypatch, with_filter
+):
+    import tarfile
+
+    from mlsae.corpora import extract_tarball
+
+    if not with_filter:  # Debian 12's Python 3.11.2: extractall has no filter argument
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = _tarball(tmp_path / "good.tgz", ["package/ca01", "package/cb02"])
+    extract_tarball(good, tmp_path / "out")
+    assert (tmp_path / "out" / "package" / "ca01").read_text() == "ok"
+    for bad in ("../escape", "/abs/path", "package/../../escape"):
+        with pytest.raises(ValueError, match="unsafe member"):
+            extract_tarball(_tarball(tmp_path / "bad.tgz", [bad]), tmp_path / "out2")
+        assert not (tmp_path / "escape").exists()

@@ -96,7 +96,8 @@ def test_two_gloo_processes_on_the_stream_match_one_process_reading_both_parts(
 ):
     from conftest import write_stream_params, write_text_corpus
 
-    from mlsae import config, pipeline
+    from mlsae import config
+    from mlsae.stages.train import train_config, training_source
     from mlsae.train import train
 
     _, env = tiny_pythia
@@ -109,8 +110,8 @@ def test_two_gloo_processes_on_the_stream_match_one_process_reading_both_parts(
         tmp_path / "two.yaml", tmp_path, corpus, "r4-k4", 1024, grad_accum=1, **kw
     )
     params = config.load(one)
-    source = Interleaved(pipeline.training_source(params, tmp_path), 2)
-    train(pipeline.train_config(params, "r4-k4"), source, tmp_path / "single", progress=False)
+    source = Interleaved(training_source(params, tmp_path), 2)
+    train(train_config(params, "r4-k4"), source, tmp_path / "single", progress=False)
     cmd = [*TORCHRUN, "-m", "mlsae", "train", "r4-k4", "--no-progress", "--params", str(two)]
     run([*cmd, "--run-dir", str(tmp_path / "ddp")], tmp_path, env)
     a = load_checkpoint(tmp_path / "single" / "checkpoint.pt")

@@ -4,8 +4,11 @@ A copy of the repository gets a tiny params.yaml (random 2-layer Llama, a 20-doc
 and runs `dvc repro` with every Python process traced (`tests/trace/sitecustomize.py` logs each
 file it opens). Then:
 
-* every file a stage reads is a declared dependency (or params.yaml), and every file it writes
-  is a declared output; the check is shown to fail when a declared dependency is removed;
+* every file a stage reads is a declared dependency (or params.yaml), every file it writes is a
+  declared output, and every ``mlsae/`` file it declares is one it opens; the check is shown to
+  fail when a declared dependency is removed or an unused module is added;
+* an edit to evaluation, statistics, plotting, prose, a figure cell or the explorer page makes no
+  cache or training stage stale (``dvc status``);
 * the executed notebooks carry their figures inline and their explanations;
 * `dvc exp run -S` re-runs only the stages that read the changed value, and `dvc exp apply`
   restores that experiment's outputs from the DVC cache without running anything.
@@ -30,7 +33,7 @@ BIN = Path(sys.executable).parent
 TRACER = ROOT / "tests" / "trace"
 RUNS = {"r2-k4": (2, 4), "r1-k4": (1, 4), "r2-k8": (2, 8)}
 LENS_RUNS = {"r2-k4-lens": (2, 4)}
-NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 
 
 def tiny_params(corpus: Path) -> dict:
@@ -137,6 +140,30 @@ def _within(path: str, declared: set[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
 
 
+def opened(log: Path, root: Path) -> set[str]:
+    """Repository files the log shows read (an import's ``.pyc`` counts as its ``.py``)."""
+    out = set()
+    for line in log.read_text().splitlines():
+        mode, path = line.split(" ", 1)
+        try:
+            rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+        if "__pycache__/" in rel:
+            folder, name = rel.split("__pycache__/")
+            rel = f"{folder}{name.split('.')[0]}.py"
+        out.add(rel)
+    return out
+
+
+def unused(log: Path, deps: set[str], root: Path) -> list[str]:
+    """Declared ``mlsae/`` dependencies the stage never opened: each makes it rerun for nothing."""
+    seen = opened(log, root)
+    return sorted(
+        f"declares {d} but never opens it" for d in deps if d.startswith("mlsae/") and d not in seen
+    )
+
+
 def undeclared(log: Path, deps: set[str], outs: set[str], root: Path) -> list[str]:
     """Files in ``log`` that the stage read but did not declare, or wrote outside its outs.
 
@@ -169,12 +196,13 @@ def undeclared(log: Path, deps: set[str], outs: set[str], root: Path) -> list[st
 @pytest.mark.slow
 def test_every_stage_reads_only_declared_deps_and_writes_only_declared_outs(repo):
     stages = stage_table(repo["root"])
-    assert len(stages) == 8 + 2 * (len(RUNS) + len(LENS_RUNS))
+    assert len(stages) == 10 + 2 * (len(RUNS) + len(LENS_RUNS))
     problems = {}
     for name, stage in stages.items():
         log = repo["trace"] / f"{stage['tag']}.log"
         assert log.exists() and log.stat().st_size > 0, f"{name}: nothing traced"
         found = undeclared(log, stage["deps"], stage["outs"], repo["root"])
+        found += unused(log, stage["deps"], repo["root"])
         if found:
             problems[name] = found
     assert not problems, json.dumps(problems, indent=1)
@@ -194,6 +222,16 @@ def test_the_check_fails_when_a_declared_dependency_is_removed(repo):
         assert any(p.startswith(f"reads {removed}") for p in found), (removed, found)
     outs = stage["outs"] - {"results/runs/r2-k4.json"}
     assert "writes results/runs/r2-k4.json" in undeclared(log, stage["deps"], outs, repo["root"])
+    assert unused(log, stage["deps"], repo["root"]) == []
+    wider = stage["deps"] | {"mlsae/plotting.py", "mlsae/explorer_page.html"}
+    trained = stage_table(repo["root"])["train_mlsae@r2-k4"]
+    train_log = repo["trace"] / f"{trained['tag']}.log"
+    assert unused(train_log, trained["deps"] | {"mlsae/metrics.py"}, repo["root"]) == [
+        "declares mlsae/metrics.py but never opens it"
+    ]
+    assert "declares mlsae/explorer_page.html but never opens it" in unused(
+        log, wider, repo["root"]
+    )
 
 
 @pytest.mark.slow
@@ -264,8 +302,65 @@ def test_exp_run_reruns_only_what_reads_the_change_and_exp_apply_restores_it(rep
     assert result["config"]["k"] == 6
 
 
+TRAINING = ("build_cache", "train_lens", "train_mlsae", "train_baselines")
+EDITS = {  # what a researcher changes while working on the evaluation -> where
+    "report": "mlsae/report.py",
+    "standard errors": "mlsae/bootstrap.py",
+    "plotting": "mlsae/plotting.py",
+    "latent statistics": "mlsae/latents.py",
+    "metrics": "mlsae/metrics.py",
+    "explorer page": "mlsae/explorer_page.html",
+}
+
+
+def stale_after(root: Path, env: dict, path: str, edit) -> set[str]:
+    """Stages ``dvc status`` calls changed after ``edit(text)`` of ``path`` (then undone)."""
+    file = root / path
+    old = file.read_text()
+    file.write_text(edit(old))
+    try:
+        return set(json.loads(run([str(BIN / "dvc"), "status", "--json"], root, env) or "{}"))
+    finally:
+        file.write_text(old)
+
+
+@pytest.mark.slow
+def test_evaluation_and_figure_edits_make_no_cache_or_training_stage_stale(repo):
+    root, env = repo["root"], repo["env"]
+    assert "up to date" in run([str(BIN / "dvc"), "status"], root, env)
+    comment = {"mlsae/explorer_page.html": lambda t: t + "\n<!-- edit -->\n"}
+    found = {}
+    for what, path in EDITS.items():
+        found[what] = stale_after(root, env, path, comment.get(path, lambda t: t + "\n# edit\n"))
+
+    def figure_cell(text: str) -> str:
+        nb = json.loads(text)
+        cell = next(
+            c
+            for c in nb["cells"]
+            if 'save_figure(fig, "single_layer_matrices"' in "".join(c["source"])
+        )
+        cell["source"] = [*cell["source"], "\n# edit"]
+        return json.dumps(nb)
+
+    found["a figure cell of 07b"] = stale_after(
+        root, env, "notebooks/07b_single_layer_baselines.ipynb", figure_cell
+    )
+    for what, stale in found.items():
+        assert stale, f"{what}: nothing went stale (the edit was not seen)"
+        retrained = sorted(
+            s for s in stale if s.split("@")[0] in TRAINING or s.startswith("train_")
+        )
+        assert not retrained, f"editing {what} makes {retrained} stale"
+    assert found["a figure cell of 07b"] == {"single_layer_baselines"}
+    assert found["explorer page"] == {"latent_explorer"}
+    # and an edit to the training path does retrain (the check can fail)
+    stale = stale_after(root, env, "mlsae/sae.py", lambda t: t + "\n# edit\n")
+    assert {"train_mlsae@r2-k4", "train_baselines"} <= stale and "build_cache" not in stale
+
+
 def test_source_notebooks_have_no_outputs():
-    assert len(NOTEBOOKS) == 10
+    assert len(NOTEBOOKS) == 12
     for name in NOTEBOOKS:
         nb = json.loads((ROOT / "notebooks" / name).read_text())
         for cell in nb["cells"]:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import CHROMIUM, build_cache, chromium_dom
 
-from mlsae import explorer
+from mlsae import explorer, explorer_scan, explorer_site
+from mlsae.latents import collect as latent_stats
 from mlsae.sae import MLSAE
 
 DOCS = [
@@ -22,7 +23,7 @@ def test_top_per_group_matches_brute_force():
     item = torch.randint(0, 15, (n,), generator=gen)
     value = torch.rand(n, generator=gen)
     payload = torch.arange(n)
-    g, i, v, p = explorer.top_per_group(group, item, value, payload, 3)
+    g, i, v, p = explorer_scan.top_per_group(group, item, value, payload, 3)
     for grp in range(7):
         best = {}
         for j in range(n):
@@ -60,7 +61,7 @@ def dense(sae, cache, lens=None):
 def test_one_pass_statistics_and_top_contexts_match_a_dense_reference(run):
     sae, cache = run
     acts = dense(sae, cache)  # (layer, token, latent)
-    col = explorer.collect(sae, cache, 10_000, n_top=3, n_top_layer=2, batch_tokens=20)
+    col = explorer_scan.collect(sae, cache, 10_000, n_top=3, n_top_layer=2, batch_tokens=20)
     torch.testing.assert_close(col.counts, (acts > 0).sum(1).double())
     torch.testing.assert_close(col.totals, acts.sum(1).double(), rtol=1e-5, atol=1e-5)
     assert col.hist.sum().item() == (acts > 0).sum().item()
@@ -103,13 +104,13 @@ def test_activations_at_reads_and_encodes_only_the_requested_vectors(run, with_l
     latent = gen.integers(0, sae.n_latents, n)
     layer = gen.integers(0, cache.n_layers, n)
     token = gen.integers(0, acts.shape[1], n)
-    got = explorer.activations_at(sae, cache, latent, layer, token, lens=lens, chunk=17)
+    got = explorer_scan.activations_at(sae, cache, latent, layer, token, lens=lens, chunk=17)
     np.testing.assert_allclose(got, acts[layer, token, latent].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def build_site(tiny_model, sae, cache, folder):
     data = explorer.build(sae, cache, tiny_model, 10_000, n_top=3)
-    return data, explorer.write_explorer(
+    return data, explorer_site.write_explorer(
         folder, data, tiny_model.tokenizer, "Test explorer", "tiny-random-llama"
     )
 
@@ -136,6 +137,26 @@ def test_build_pages_trajectories_and_logit_effects(run, tiny_model, tmp_path):
     c = sims @ sims[lat]
     c[lat] = -2
     assert page["similar"][0][0] == c.argmax().item()
+
+
+def test_overview_mean_layer_and_entropy_are_the_latent_analysis(tiny_model, tmp_path):
+    """The overview's mean layer and entropy: `LayerStats` 's, from the same activations."""
+    cache = build_cache(tmp_path / "c", tiny_model, DOCS * 4, 16, 4)
+    torch.manual_seed(0)
+    sae = MLSAE(tiny_model.cfg.d_model, 64, 2).eval()
+    with torch.no_grad():
+        sae.W_enc[:8] = 0  # never fire
+    data = explorer.build(sae, cache, None, 10_000, n_top=1)
+    stats = latent_stats(sae, cache.iter_batches(64)).compute()
+    dead = 0
+    for lat, mean, fired, entropy, *_ in data["overview"]:
+        if torch.isnan(stats["mean_layer"][lat]):
+            assert mean is None and fired == 0 and entropy == 0
+            dead += 1
+        else:
+            assert mean == pytest.approx(stats["mean_layer"][lat].item(), abs=5e-3)
+            assert entropy == pytest.approx(stats["entropy"][lat].item(), abs=1e-3)
+    assert dead >= 8
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is installed by `make test`")

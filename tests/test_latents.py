@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from mlsae.latents import LayerStats, collect, decoder_cosine_histogram, sort_by_mean_layer
+from mlsae.latents import (
+    LayerStats,
+    collect,
+    decoder_cosine_histogram,
+    layer_distribution,
+    sort_by_mean_layer,
+)
 from mlsae.sae import MLSAE
 
 L, T = 4, 8  # layers, tokens
@@ -53,6 +59,23 @@ def test_statistics_on_constructed_activations():
     assert s["n_tokens"] == T and s["n_latents_active"] == 3
     # mean aggregated variance (0 + v + v) / 3 over mean per-token variance (0 + v + 0) / 3
     assert s["variance_ratio"] == pytest.approx(2.0)
+
+
+def test_layer_distribution_by_hand_and_as_compute_reports_it():
+    """Latent 0: layers 0 and 2 in a 1:3 ratio; latent 1: one layer; latent 2: never fired."""
+    totals = torch.tensor([[1.0, 0.0, 0.0], [0.0, 5.0, 0.0], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    d = layer_distribution(totals)
+    assert d["distribution"][:, 0].tolist() == [0.25, 0, 0.75] and d["mass"].tolist() == [4, 5, 0]
+    assert d["mean_layer"].tolist() == [1.5, 1.0, 0.0]
+    assert d["variance"][0].item() == pytest.approx(0.25 * 1.5**2 + 0.75 * 0.5**2)
+    assert d["entropy"][0].item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert d["entropy"][1:].tolist() == [0, 0]  # one layer; never fired: zeros, not NaN
+    stats = LayerStats(3, 3)
+    stats.totals = totals
+    out = stats.compute()
+    for key in ("mean_layer", "entropy"):
+        assert torch.equal(out[key][:2], d[key][:2]) and math.isnan(out[key][2])
+    assert torch.equal(out["aggregated_variance"][:2], d["variance"][:2])
 
 
 def test_sort_by_mean_layer():

@@ -1,9 +1,18 @@
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import build_cache
 
+from mlsae import config
 from mlsae.activations import residual_stream
-from mlsae.lens import TunedLens, lens_kl_per_layer, random_lens, train_lens
+from mlsae.lens import TunedLens, random_lens
+from mlsae.lens_kl import lens_kl_per_layer
+from mlsae.lens_training import train_lens
 from mlsae.metrics import evaluate
 from mlsae.train import TrainConfig, train
 
@@ -92,9 +101,8 @@ def _tiny_cache(model, path, docs_repeat=30):
 
 def test_trained_lens_beats_logit_lens_on_a_tiny_model(tiny_model, tmp_path):
     cache = _tiny_cache(tiny_model, tmp_path / "c")
-    lens, history = train_lens(
-        tiny_model, cache, steps=60, batch_tokens=64, lr=1e-2, progress=False
-    )
+    settings = config.Lens(steps=60, batch_tokens=64, lr=1e-2, lr_decay="cosine", init="identity")
+    lens, history = train_lens(tiny_model, cache, settings, progress=False)
     assert history[-1] < history[0]
     tuned = lens_kl_per_layer(tiny_model, lens, cache, 10_000)
     logit = lens_kl_per_layer(tiny_model, None, cache, 10_000)
@@ -105,7 +113,7 @@ def test_trained_lens_beats_logit_lens_on_a_tiny_model(tiny_model, tmp_path):
 def test_mlsae_in_lens_space_reports_both_fvus(tiny_model, tmp_path):
     cache = _tiny_cache(tiny_model, tmp_path / "c")
     lens = random_lens(32, 3, scale=0.5, seed=4)
-    cfg = TrainConfig(expansion_factor=2, k=4, lr=3e-3, batch_tokens=32, dead_tokens=10**6)
+    cfg = TrainConfig.of(expansion_factor=2, k=4, lr=3e-3, batch_tokens=32, dead_tokens=10**6)
     sae = train(cfg, cache, tmp_path / "run", lens=lens, progress=False)
     tokens = [torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])]
     res = evaluate(sae, tiny_model, tokens, lens=lens)
@@ -119,8 +127,9 @@ def test_mlsae_in_lens_space_reports_both_fvus(tiny_model, tmp_path):
     assert res["per_layer"]["fvu_raw"][0] != pytest.approx(res["per_layer"]["fvu"][0], rel=1e-3)
 
 
-def test_kl_from_final_equals_the_explicit_definition(tiny_model):
-    from mlsae.lens import FinalDistribution, Unembedder, kl_from_final
+def test_lens_kl_equals_the_explicit_definition(tiny_model):
+    from mlsae.distributions import NextTokenDistribution
+    from mlsae.lens_kl import Unembedder
 
     torch.manual_seed(0)
     final_resid, resid = torch.randn(5, 32) * 3, torch.randn(5, 32) * 3
@@ -128,7 +137,9 @@ def test_kl_from_final_equals_the_explicit_definition(tiny_model):
     logp = tiny_model.unembed(tiny_model.ln_final(final_resid)).log_softmax(-1)
     logq = tiny_model.unembed(tiny_model.ln_final(resid)).log_softmax(-1)
     explicit = (logp.exp() * (logp - logq)).sum(-1)
-    got = kl_from_final(Unembedder(tiny_model), FinalDistribution(logp), resid)
+    unembed = Unembedder(tiny_model)
+    final = NextTokenDistribution(unembed(final_resid), dtype=torch.float32, rows=None)
+    got = final.kl(unembed(resid))
     torch.testing.assert_close(got, explicit, rtol=1e-4, atol=1e-5)
     assert (got > 0).all()
 
@@ -143,7 +154,7 @@ def test_lens_kl_evaluation_is_exactly_zero_at_the_last_layer(tiny_model, tmp_pa
 
 
 def test_cap_condition_clips_singular_values_to_the_cap():
-    from mlsae.lens import cap_condition
+    from mlsae.lens_training import cap_condition
 
     lens = random_lens(16, 3, scale=2.0, seed=2)
     eye = torch.eye(16)
@@ -160,7 +171,7 @@ def test_cap_condition_clips_singular_values_to_the_cap():
 
 def test_regression_lens_is_the_least_squares_map_to_the_last_block(tiny_model, tmp_path):
     """Against torch.linalg.lstsq on the same (input of block i, last block output) pairs."""
-    from mlsae.lens import regression_lens
+    from mlsae.lens_training import regression_lens
 
     cache = _tiny_cache(tiny_model, tmp_path / "c", docs_repeat=60)
     lens = regression_lens(tiny_model, cache, max_tokens=10_000, ridge=0.0, max_condition=1e12)
@@ -183,18 +194,38 @@ def test_regression_start_beats_identity_start_at_equal_steps(tiny_model, tmp_pa
     cache = _tiny_cache(tiny_model, tmp_path / "c")
     kl = {}
     for init in ("identity", "regression"):
-        lens, _ = train_lens(
-            tiny_model,
-            cache,
-            steps=3,
-            batch_tokens=64,
-            lr=1e-3,
-            progress=False,
-            init=init,
-            max_condition=100.0,
-        )
+        settings = config.Lens(steps=3, batch_tokens=64, lr_decay="cosine", init=init)
+        lens, _ = train_lens(tiny_model, cache, settings, progress=False)
         kl[init] = sum(lens_kl_per_layer(tiny_model, lens, cache, 10_000)[:-1])
         for t in lens.translators:
             s = torch.linalg.svdvals(torch.eye(32) + t.weight.detach())
             assert (s[0] / s[-1]).item() <= 100.0 * (1 + 1e-4)
     assert kl["regression"] < kl["identity"], kl
+
+
+def test_train_lens_defaults_are_the_params_defaults(tiny_model, tmp_path):
+    """No settings means `config.Lens()`: train_lens has no defaults of its own."""
+    import inspect
+
+    cache = _tiny_cache(tiny_model, tmp_path / "c")
+    own = set(inspect.signature(train_lens).parameters)
+    assert not own & {f.name for f in dataclasses.fields(config.Lens)}, own
+    default, history = train_lens(tiny_model, cache, progress=False)
+    explicit, again = train_lens(tiny_model, cache, config.Lens(), progress=False)
+    assert len(history) == config.Lens().steps and history == again
+    for a, b in zip(default.parameters(), explicit.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lens_modules_import_no_sae_evaluation():
+    """The lens (used by SAE training) and its training import neither metrics nor bootstrap."""
+    code = (
+        "import sys, mlsae.lens, mlsae.lens_kl, mlsae.lens_training; "
+        "print(sorted(m for m in sys.modules if m.startswith('mlsae.')))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    loaded = set(ast.literal_eval(out.stdout))
+    assert not loaded & {"mlsae.metrics", "mlsae.bootstrap", "mlsae.reconstruction"}, loaded

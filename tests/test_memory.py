@@ -101,7 +101,9 @@ rng = np.random.default_rng(0)
 docs = [" ".join(rng.choice(WORDS, 100)) for _ in range(2600)]  # ~260k tokens
 stream = ModelStream(model, docs, 64, 8)
 source = TrainingSource(stream, shuffle_tokens=int(sys.argv[2]))
-cfg = TrainConfig(expansion_factor=2, k=8, batch_tokens=256, max_tokens=200_000, dead_tokens=4096)
+cfg = TrainConfig.of(
+    expansion_factor=2, k=8, batch_tokens=256, max_tokens=200_000, dead_tokens=4096
+)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 train(cfg, source, sys.argv[3], progress=False)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -2,8 +2,11 @@ import pytest
 import torch
 
 from mlsae.activations import residual_stream
-from mlsae.metrics import ReconstructionStats, delta_ce_kl, evaluate, mmcs
+from mlsae.metrics import evaluate
+from mlsae.patching import delta_ce_kl
+from mlsae.reconstruction import ReconstructionStats
 from mlsae.sae import MLSAE
+from mlsae.similarity import mmcs
 
 
 def test_reconstruction_stats_hand_computed():
@@ -103,7 +106,7 @@ def test_residual_drift_hand_computed(tmp_path):
     import numpy as np
 
     from mlsae.activations import ActivationCache
-    from mlsae.metrics import residual_drift
+    from mlsae.drift import residual_drift
 
     # layer 0: e1 and e2; layer 1: the same (cos 1); layer 2: rotated by 90 degrees (cos 0)
     acts = np.array([[[1, 0], [0, 1]], [[2, 0], [0, 2]], [[0, 3], [-3, 0]]], dtype=np.float16)
@@ -216,6 +219,37 @@ def test_bootstrap_fvu_replicates_are_the_fvu_of_the_resampled_contexts():
     assert len(se) == 2 and all(s > 0 for s in se) and se_mean > 0
 
 
+def test_bootstrap_fvu_is_the_reconstruction_stats_fvu_on_the_same_data():
+    """One FVU definition: the bootstrap's replicate of a token set is ReconstructionStats's FVU.
+
+    Several batches, contexts split across batches, large per-dimension offsets.
+    """
+    from mlsae import bootstrap
+
+    gen = torch.Generator().manual_seed(2)
+    offsets = torch.randn(3, 1, 8, generator=gen) * 20
+    stats = ReconstructionStats(3, 8, 4)
+    xs, rs, gs, start = [], [], [], 0
+    for n in (10, 7, 13):
+        x = (offsets + torch.randn(3, n, 8, generator=gen)).double()
+        r = x + 0.3 * torch.randn(3, n, 8, generator=gen).double()
+        groups = torch.arange(start, start + n) // 6  # 5 contexts, 3 of them across batches
+        stats.update(x, r, torch.ones(3, n, 1), groups=groups)
+        xs, rs, gs, start = [*xs, x], [*rs, r], [*gs, groups], start + n
+    sums = stats.group_sums()
+    assert len(sums[3]) == 5 and sums[3].tolist() == [6, 6, 6, 6, 6]
+    ones = bootstrap.fvu_replicates(*sums, torch.ones(1, 5, dtype=torch.float64))
+    assert ones[0].tolist() == pytest.approx(stats.compute()["fvu"], rel=1e-12)
+    # a replicate keeping contexts 0, 2 and 4 once each is the FVU of their tokens alone
+    x, r, groups = torch.cat(xs, 1), torch.cat(rs, 1), torch.cat(gs)
+    w = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    kept = torch.isin(groups, torch.tensor([0, 2, 4]))
+    direct = ReconstructionStats(3, 8, 4)
+    direct.update(x[:, kept], r[:, kept], torch.ones(3, int(kept.sum()), 1))
+    reps = bootstrap.fvu_replicates(*sums, w)
+    assert reps[0].tolist() == pytest.approx(direct.compute()["fvu"], rel=1e-10)
+
+
 def test_bootstrap_weights_resample_each_unit_set_with_replacement():
     from mlsae import bootstrap
 
@@ -231,7 +265,7 @@ def test_bootstrap_weights_resample_each_unit_set_with_replacement():
 
 
 def test_sweep_differences_compare_steps_with_their_noise():
-    from mlsae.pipeline import sweep_differences
+    from mlsae.stages.sweeps import sweep_differences
 
     runs = {
         "a": {"mean": {"fvu": 0.30, "fvu_se": 0.01, "delta_ce": 0.80, "delta_ce_se": 0.05}},
@@ -245,8 +279,6 @@ def test_sweep_differences_compare_steps_with_their_noise():
 
 
 def test_delta_ce_in_bf16_is_close_to_fp32_and_really_bf16(tiny_model):
-    from mlsae.metrics import delta_ce_kl
-
     tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18]])
 
     def noisy(x, layer):

@@ -8,7 +8,9 @@ from conftest import PYTHIA, write_text_corpus
 
 from mlsae import config
 from mlsae.models import load_model
-from mlsae.pipeline import build_caches, evaluate_run, train_run
+from mlsae.stages.cache import build_caches
+from mlsae.stages.evaluate import evaluate_run
+from mlsae.stages.train import train_mlsae
 
 
 def test_tiny_pythia_loads_streams_trains_and_evaluates(tmp_path, tiny_pythia):
@@ -36,8 +38,8 @@ def test_tiny_pythia_loads_streams_trains_and_evaluates(tmp_path, tiny_pythia):
     assert metas["train"]["source"] == "stream" and not list(
         (tmp_path / "cache/activations/train").glob("*.npy")
     )  # no training cache on disk
-    train_run(params, "r4-k8", tmp_path, model)
-    result = evaluate_run(params, "r4-k8", model, tmp_path)
+    train_mlsae(params, "r4-k8", tmp_path, model)
+    result = evaluate_run(params, "r4-k8", tmp_path, model=model)["result"]
     assert result["tokens_trained"] == 2048
     assert len(result["per_layer"]["fvu"]) == 3 and result["mean"]["fvu"] < 1.0
     assert math.isfinite(result["mean"]["delta_ce"]) and result["mean"]["l0"] == 8

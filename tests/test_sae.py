@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mlsae.sae import MLSAE, fvu, geometric_median, nearest_power_of_2, standardize, topk_rows
+from mlsae.sae import MLSAE, fvu, geometric_median, nearest_power_of_2, standardize
 
 
 def make_sae(d=16, n=64, k=4, **kw):
@@ -178,22 +178,6 @@ def test_a_selected_latent_with_zero_value_did_not_fire():
     assert sae.tokens_since_fired[:4].tolist() == [0, 5, 0, 5]
 
 
-def test_gather_dot_gradients_equal_dense_autograd():
-    from mlsae.sae import GatherDot
-
-    torch.manual_seed(0)
-    x = torch.randn(50, 16, requires_grad=True)
-    w = torch.randn(64, 16, requires_grad=True)
-    idx = torch.stack([torch.randperm(64)[:5] for _ in range(50)])
-    g = torch.randn(50, 5)
-    (GatherDot.apply(x, w, idx, None) * g).sum().backward()
-    gx, gw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
-    ((x @ w.T).gather(1, idx) * g).sum().backward()
-    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-5)
-
-
 def test_training_gradients_equal_a_dense_reference():
     """The sparse-gradient forward gives the gradients of the plain dense formulation."""
     sae = make_sae(dead_tokens=100, k_aux=8)
@@ -241,23 +225,45 @@ def test_bf16_selection_in_training_only():
     torch.testing.assert_close(values, sae.pre_activations(x_std).gather(-1, indices).relu())
 
 
-@pytest.mark.parametrize(
-    "shape,k", [((64, 4608), 32), ((50, 512), 16), ((7, 100), 3), ((9, 96), 4)]
-)
-def test_topk_rows_equals_torch_topk(shape, k):
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    x[0, : shape[1] // 2] = 5.0  # a row of ties at the top
-    x[1] = torch.arange(shape[1], dtype=torch.float32)  # all of the top in the last block
-    x[2] = -torch.arange(shape[1], dtype=torch.float32)  # ... and in the first block
-    values, indices = topk_rows(x, k)
-    ref = x.topk(k, dim=-1).values
-    assert torch.equal(values.sort(-1, descending=True).values, ref)
-    assert torch.equal(x.gather(1, indices), values)
-    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct latents per row
-
-
 def test_standardize_matches_torch_std():
     x = torch.randn(8, 3, 576) * 40 + 3
     _, mu, std = standardize(x)
     assert torch.allclose(std, x.std(dim=-1, keepdim=True), rtol=1e-6)
+
+
+def test_training_fvu_equals_the_evaluation_definition():
+    """The fused per-batch loss is `mlsae.reconstruction`'s FVU of that batch, mean over layers."""
+    from mlsae.reconstruction import ReconstructionStats
+
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.randn(3, 1, 16, generator=gen) * 10  # per-dimension offsets, as in residuals
+    x = offsets + torch.randn(3, 50, 16, generator=gen) * 4
+    x_hat = x + torch.randn(3, 50, 16, generator=gen)
+    stats = ReconstructionStats(3, 16, 4)
+    stats.update(x, x_hat, torch.ones(3, 50, 1))
+    per_layer = stats.compute()["fvu"]
+    mean = sum(per_layer) / 3
+    assert fvu(x.double(), x_hat.double()).item() == pytest.approx(mean, rel=1e-12)
+    assert fvu(x, x_hat).item() == pytest.approx(mean, rel=1e-5)  # float32, as in training
+    for layer in range(3):
+        assert fvu(x[layer], x_hat[layer]).item() == pytest.approx(per_layer[layer], rel=1e-5)
+    # the loss term of a forward pass, against the evaluation of its reconstruction
+    sae = make_sae().eval()
+    out = sae(x)
+    stats = ReconstructionStats(3, 16, 64)
+    stats.update(x, out.recons, out.values, out.indices)
+    assert out.fvu.item() == pytest.approx(sum(stats.compute()["fvu"]) / 3, rel=1e-5)
+
+
+def test_sae_imports_no_evaluation_module():
+    """Training code must not go stale in DVC when evaluation code changes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, mlsae.sae; print(sorted(m for m in sys.modules if m.startswith('mlsae.')))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "['mlsae.sae', 'mlsae.sparse']", out.stdout

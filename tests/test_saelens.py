@@ -58,8 +58,8 @@ def test_a_lens_run_cannot_be_exported_as_views(tmp_path):
 @pytest.mark.slow
 def test_views_spliced_by_sae_lens_reproduce_our_delta_ce_per_layer(smollm2, tmp_path):
     """Independent check: TL hooks driven by the SAELens object, a full forward, float64 CE."""
-    from mlsae.metrics import delta_ce_kl
     from mlsae.models import special_token_ids
+    from mlsae.patching import delta_ce_kl
 
     model = smollm2
     texts = [

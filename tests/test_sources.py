@@ -9,7 +9,7 @@ import torch
 from conftest import build_cache, make_cache, make_tiny_model, write_text_corpus
 
 from mlsae.activations import ActivationCache
-from mlsae.data import load_corpus
+from mlsae.corpora import load_corpus
 from mlsae.sources import (
     CacheSource,
     Chunk,
@@ -100,7 +100,7 @@ def test_a_buffer_smaller_than_a_batch_is_refused():
     with pytest.raises(ValueError, match="smaller than one batch"):
         block_size(64, 32)
     with pytest.raises(ValueError, match="smaller than one batch"):
-        TrainConfig(batch_tokens=64, shuffle_tokens=32)
+        TrainConfig.of(batch_tokens=64, shuffle_tokens=32)
 
 
 def test_cache_source_reads_layers_and_shards_lazily(tmp_path):
@@ -126,8 +126,15 @@ def test_stream_without_shuffling_trains_as_the_cache_of_the_same_tokens(tmp_pat
     cache = build_cache(tmp_path / "c", model, docs, 16, 3)
     stream = ModelStream(model, docs, 16, 3, shuffle_documents=False)
     assert sum(c.n_tokens for c in stream.chunks()) == cache.n_tokens
-    cfg = TrainConfig(
-        expansion_factor=4, k=4, batch_tokens=16, lr=3e-3, dead_tokens=64, max_tokens=cache.n_tokens
+    cfg = TrainConfig.of(
+        expansion_factor=4,
+        k=4,
+        batch_tokens=16,
+        lr=3e-3,
+        dead_tokens=64,
+        max_tokens=cache.n_tokens,
+        shuffle_tokens=0,  # the cache in its own order, as the unshuffled stream
+        select_bf16=False,
     )
     a = train(cfg, cache, tmp_path / "cache-run", progress=False)
     b = train(cfg, TrainingSource(stream, 0), tmp_path / "stream-run", progress=False)
@@ -151,7 +158,7 @@ def test_a_stream_ending_before_the_budget_says_how_many_tokens_were_used(tmp_pa
     model = make_tiny_model()
     stream = ModelStream(model, small_docs(8), 16, 2)
     n = sum(c.n_tokens for c in stream.chunks())
-    cfg = TrainConfig(expansion_factor=2, k=4, batch_tokens=16, max_tokens=10 * n)
+    cfg = TrainConfig.of(expansion_factor=2, k=4, batch_tokens=16, max_tokens=10 * n)
     with caplog.at_level(logging.WARNING):
         train(cfg, TrainingSource(stream, 0), tmp_path / "run", progress=False)
     used = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["tokens_seen"]
@@ -162,7 +169,8 @@ def test_a_stream_ending_before_the_budget_says_how_many_tokens_were_used(tmp_pa
 @pytest.mark.slow
 def test_cache_contexts_span_the_corpus_and_record_the_genre_mix(tmp_path, tokenizer):
     """The default's training sample covers all 15 Brown genres (word-level test tokenizer)."""
-    from mlsae.data import document_labels, sample_contexts, split_documents, split_indices
+    from mlsae.corpora import document_labels
+    from mlsae.data import sample_contexts, split_documents, split_indices
 
     docs = load_corpus("brown")
     labels = document_labels("brown")
@@ -177,7 +185,8 @@ def test_cache_contexts_span_the_corpus_and_record_the_genre_mix(tmp_path, token
 
 def test_build_caches_records_tokens_per_label_and_writes_a_stream_manifest(tmp_path):
     from mlsae import config
-    from mlsae.pipeline import build_caches, training_source
+    from mlsae.stages.cache import build_caches
+    from mlsae.stages.train import training_source
 
     corpus = write_text_corpus(tmp_path / "corpus", n_docs=12)
     model = make_tiny_model()
@@ -219,3 +228,17 @@ def test_epochs_repeat_the_source_in_a_new_order_and_resume_across_them(tmp_path
     assert torch.equal(both[:, 1024:].sort(1).values, first.sort(1).values)  # same vectors
     tail = torch.cat(list(two.batches(128, start_batch=11)), dim=1)
     assert torch.equal(tail, both[:, 11 * 128 :])
+
+
+def test_cache_batches_equal_the_unshuffled_training_stream(tmp_path):
+    """`ActivationCache.iter_batches` (evaluation) and `shuffled_batches` with no shuffling
+    (training) read the same tokens in the same batches, across shard boundaries."""
+    cache = make_cache(tmp_path / "c", n_tokens=1000, n_layers=3, d=8, shard=256)
+    for layers in (None, [2, 0]):
+        ours = list(cache.iter_batches(100, layers=layers))
+        ref = list(shuffled_batches(CacheSource(cache, layers).chunks(), 100, 0))
+        n = sum(cache.shard(i).shape[1] for i in range(len(cache)))
+        assert n % 100 and [b.shape[1] for b in ours] == [100] * (n // 100) + [n % 100]
+        assert len(ours) == len(ref) and all(
+            torch.equal(a, b) for a, b in zip(ours, ref, strict=True)
+        )

@@ -11,7 +11,8 @@ from mlsae.train import NonFiniteError, TrainConfig, load_checkpoint, load_sae, 
 
 def cfg(**kw):
     base = dict(expansion_factor=4, k=4, lr=3e-3, batch_tokens=64, dead_tokens=256, log_every=1)
-    return TrainConfig(**(base | kw))
+    base |= dict(shuffle_tokens=0, select_bf16=False)  # cache order, exact top-k
+    return TrainConfig.of(**(base | kw))
 
 
 def test_training_reduces_fvu(tmp_path):
@@ -34,9 +35,9 @@ def test_single_layer_run_and_budget(tmp_path):
 
 def test_resume_gives_the_same_weights_as_one_run(tmp_path):
     cache = make_cache(tmp_path / "cache")
-    full = train(cfg(checkpoint_every=320), cache, tmp_path / "full", progress=False)
+    full = train(cfg(checkpoint_tokens=320), cache, tmp_path / "full", progress=False)
     train(cfg(max_tokens=960), cache, tmp_path / "part", progress=False)
-    resumed = train(cfg(checkpoint_every=320), cache, tmp_path / "part", progress=False)
+    resumed = train(cfg(checkpoint_tokens=320), cache, tmp_path / "part", progress=False)
     for name, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-6, atol=1e-6)
     assert (tmp_path / "full" / "checkpoint.pt.prev").exists()
@@ -45,7 +46,7 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
 def test_nan_activations_stop_with_step_and_keep_checkpoint(tmp_path):
     cache = make_cache(tmp_path / "cache", nan_at=4)
     with pytest.raises(NonFiniteError, match=r"NaN/inf in activations at step 16"):
-        train(cfg(checkpoint_every=256), cache, tmp_path / "run", progress=False)
+        train(cfg(checkpoint_tokens=256), cache, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["tokens_seen"] == 1024
 
@@ -64,9 +65,9 @@ def test_corrupt_checkpoint_is_a_clear_error_and_not_overwritten(tmp_path):
 
 def test_bad_config_values():
     with pytest.raises(ValueError, match="expansion_factor must be positive"):
-        TrainConfig(expansion_factor=0)
+        TrainConfig.of(expansion_factor=0)
     with pytest.raises(ValueError, match="batch_tokens must be positive"):
-        TrainConfig(batch_tokens=0)
+        TrainConfig.of(batch_tokens=0)
 
 
 def test_changed_settings_start_afresh_instead_of_reusing_a_stale_checkpoint(tmp_path):
@@ -75,7 +76,7 @@ def test_changed_settings_start_afresh_instead_of_reusing_a_stale_checkpoint(tmp
     sae = train(cfg(max_tokens=640, k=2), cache, tmp_path / "run", progress=False)
     assert sae.k == 2
     assert (tmp_path / "run" / "checkpoint.stale.pt").exists()
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["k"] == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["run"]["k"] == 2
 
 
 def test_incomplete_last_batch_is_dropped_not_nan(tmp_path):
@@ -88,24 +89,24 @@ def test_incomplete_last_batch_is_dropped_not_nan(tmp_path):
 
 def test_resume_does_not_duplicate_log_rows(tmp_path):
     cache = make_cache(tmp_path / "cache")
-    train(cfg(max_tokens=960, checkpoint_every=320), cache, tmp_path / "run", progress=False)
+    train(cfg(max_tokens=960, checkpoint_tokens=320), cache, tmp_path / "run", progress=False)
     # as after a crash: rows beyond the last checkpoint were logged, then lost with the process
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["step"] == 15
     state = ckpt | {"tokens_seen": 640, "step": 10}
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
-    train(cfg(max_tokens=960, checkpoint_every=320), cache, tmp_path / "run", progress=False)
+    train(cfg(max_tokens=960, checkpoint_tokens=320), cache, tmp_path / "run", progress=False)
     steps = [row["step"] for row in read_log(tmp_path / "run")]
     assert steps == sorted(set(steps)) and steps[-1] == 15
 
 
 def test_missing_checkpoint_falls_back_to_prev(tmp_path):
     cache = make_cache(tmp_path / "cache")
-    train(cfg(max_tokens=640, checkpoint_every=320), cache, tmp_path / "run", progress=False)
+    train(cfg(max_tokens=640, checkpoint_tokens=320), cache, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert (run / "checkpoint.pt.prev").exists()
     (run / "checkpoint.pt").unlink()  # a crash between the two renames of an older scheme
-    train(cfg(max_tokens=640, checkpoint_every=320), cache, run, progress=False)
+    train(cfg(max_tokens=640, checkpoint_tokens=320), cache, run, progress=False)
     assert load_checkpoint(run / "checkpoint.pt")["tokens_seen"] == 640
 
 
@@ -138,7 +139,7 @@ def test_training_in_lens_space_leaves_the_lens_untouched(tmp_path):
 
 
 def test_lr_factor_hand_computed():
-    from mlsae.train import lr_factor
+    from mlsae.schedule import lr_factor
 
     assert lr_factor(0, 100) == 1.0 and lr_factor(99, 100) == 1.0  # the paper: constant
     assert lr_factor(0, 100, warmup=10) == pytest.approx(0.1)
@@ -148,19 +149,19 @@ def test_lr_factor_hand_computed():
     assert lr_factor(25, 100, decay="cosine") == pytest.approx((1 + 2**-0.5) / 2)
     assert lr_factor(4, 100, warmup=10, decay="linear") == pytest.approx(0.5 * 0.96)
     with pytest.raises(ValueError, match="lr_decay"):
-        TrainConfig(lr_decay="step")
+        TrainConfig.of(lr_decay="step")
 
 
 def test_a_decayed_run_resumes_to_the_same_weights(tmp_path):
     cache = make_cache(tmp_path / "c", n_tokens=2048, n_layers=2, d=16)
-    cfg = TrainConfig(
+    cfg = TrainConfig.of(
         expansion_factor=2,
         k=4,
         batch_tokens=64,
         lr=3e-3,
         lr_warmup_tokens=256,
         lr_decay="cosine",
-        checkpoint_every=384,
+        checkpoint_tokens=384,
         max_tokens=1024,
     )
     full = train(cfg, cache, tmp_path / "full", progress=False)

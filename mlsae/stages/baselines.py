@@ -1,0 +1,64 @@
+"""Stage ``single_layer_baselines`` (notebook 07b): single-layer SAEs against one MLSAE.
+
+The single-layer SAEs come trained from stage ``train_baselines`` (`mlsae.stages.train`); this
+stage only evaluates them, so a figure or sentence edit never retrains them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlsae import config, paths
+from mlsae.activations import ActivationCache
+from mlsae.baselines import delta_ce_matrix, fvu_matrix
+from mlsae.models import load_model
+from mlsae.train import load_sae
+from mlsae.writers import write_json, write_metrics
+
+
+def single_layer_baselines(params: config.Params, out_dir: str | Path = ".") -> dict:
+    """Train layer x eval layer FVU, delta CE and KL of each single-layer SAE and the MLSAE.
+
+    The matrices have one row per single-layer SAE (train layer) and a last row for the MLSAE of
+    ``analysis.baseline_run``, all evaluated on the same held-out tokens at each baseline layer.
+    Writes ``results/baselines.json`` and ``results/metrics/baselines.json`` (the means over
+    baseline layers of each single-layer SAE at its own layer and of the MLSAE).
+    """
+    model = load_model(params.base.model, device=params.base.device)
+    run, layers = params.analysis.baseline_run, list(params.analysis.baseline_layers)
+    device = params.base.device
+    folder = paths.baselines_dir(params, out_dir)
+    saes = {ly: load_sae(folder / f"layer-{ly}" / "checkpoint.pt", device).eval() for ly in layers}
+    saes["mlsae"] = load_sae(paths.run_dir(params, run, out_dir) / "checkpoint.pt", device).eval()
+    test_cache = ActivationCache(paths.cache_paths(params, out_dir)["test"])
+    fvu = fvu_matrix(saes, test_cache, layers, params.eval.eval_tokens)
+    tokens = test_cache.contexts()[: params.analysis.baseline_ce_contexts]
+    d_ce, kl, n_ce = delta_ce_matrix(saes, model, tokens, layers, bf16=params.eval.ce_bf16)
+    result = {
+        "layers": layers,
+        "rows": [f"single layer {ly}" for ly in layers] + [f"MLSAE {run}"],
+        "run": run,
+        "fvu": fvu.tolist(),
+        "delta_ce": d_ce.tolist(),
+        "kl": kl.tolist(),
+        "n_fvu_tokens": min(params.eval.eval_tokens, test_cache.n_tokens),
+        "n_ce_tokens": n_ce,  # predictions averaged over, as in Table 1
+        "n_layers": model.cfg.n_layers,
+        "model": params.base.model,
+        "corpus": params.base.corpus,
+    }
+    write_json(paths.results(out_dir, "baselines.json"), result)
+    own = {key: np.diag(np.array(result[key])[:-1]) for key in ("fvu", "delta_ce")}
+    mlsae = {key: np.array(result[key])[-1] for key in ("fvu", "delta_ce")}
+    write_metrics(
+        paths.metrics(out_dir, "baselines.json"),
+        {
+            "single_layer_fvu": float(own["fvu"].mean()),
+            "mlsae_fvu": float(mlsae["fvu"].mean()),
+            "single_layer_delta_ce": float(own["delta_ce"].mean()),
+            "mlsae_delta_ce": float(mlsae["delta_ce"].mean()),
+        },
+    )
+    return result

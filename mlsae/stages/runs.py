@@ -1,0 +1,37 @@
+"""A sweep entry's pieces, shared by the stages that train, evaluate and analyse runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from mlsae import config, paths
+from mlsae.lens import TunedLens
+from mlsae.sae import MLSAE
+from mlsae.train import load_sae
+
+
+def sweep_entry(params: config.Params, run: str) -> config.Run:
+    """``params.sweep[run]``, or a clear error naming the runs there are."""
+    if run not in params.sweep:
+        raise KeyError(f"Unknown sweep run {run!r}; params.yaml has {sorted(params.sweep)}.")
+    return params.sweep[run]
+
+
+def run_lens(params, run: str, out_dir: str | Path = ".", device: str | None = None):
+    """``(lens, sha)`` of sweep entry ``run``, ``(None, None)`` for a run without a lens.
+
+    ``sha`` is a short hash of the lens weights, recorded in the run's config so that a retrained
+    lens never resumes a stale run.
+    """
+    if not sweep_entry(params, run).lens:
+        return None, None
+    folder = paths.lens_path(params, out_dir)
+    lens = TunedLens.load(folder).to(device or params.base.device)
+    return lens, hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
+
+
+def load_run(params, run: str, out_dir: str | Path = ".", device: str = "cpu"):
+    """``(sae, lens or None)`` of a trained sweep entry, in eval mode on ``device``."""
+    sae: MLSAE = load_sae(paths.run_dir(params, run, out_dir) / "checkpoint.pt", device).eval()
+    return sae, run_lens(params, run, out_dir, device)[0]
