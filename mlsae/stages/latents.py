@@ -11,7 +11,7 @@ from mlsae.analysis import PROMPTS, decoder_summary, prompt_activations, summary
 from mlsae.latents import LayerStats
 from mlsae.models import load_model
 from mlsae.stages.runs import load_run
-from mlsae.stages.sweeps import sweep_groups
+from mlsae.stages.sweeps import sweep_groups, sweep_points
 from mlsae.writers import write_json, write_metrics
 
 KEEP = (
@@ -73,18 +73,9 @@ def latents_over_layers(params: config.Params, out_dir: str | Path = ".") -> dic
             for prompt, res in zip(PROMPTS, prompts[r], strict=True)
         ]
     groups = sweep_groups(params)
-    activity = {
-        g: [
-            {
-                "run": n,
-                "R": params.sweep[n].expansion_factor,
-                "k": params.sweep[n].k,
-                **summary(load_latent_stats(params, n, out_dir)),
-            }
-            for n in names
-        ]
-        for g, names in groups.items()
-    }
+    activity = sweep_points(
+        params, groups, lambda n: summary(load_latent_stats(params, n, out_dir))
+    )
     source = {"model": params.base.model, "corpus": params.base.corpus}
     write_json(
         paths.results(out_dir, "latents.json"),

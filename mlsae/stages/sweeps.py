@@ -23,18 +23,7 @@ def sweeps(params: config.Params, out_dir: str | Path = ".") -> dict:
     """
     runs = load_runs(params, out_dir)
     groups = sweep_groups(params)
-    summary = {
-        g: [
-            {
-                "run": n,
-                "R": params.sweep[n].expansion_factor,
-                "k": params.sweep[n].k,
-                **{m: runs[n]["mean"].get(m) for m in KEYS},
-            }
-            for n in names
-        ]
-        for g, names in groups.items()
-    }
+    summary = sweep_points(params, groups, lambda n: {m: runs[n]["mean"].get(m) for m in KEYS})
     for var in ("R", "k"):
         means = [runs[p["run"]]["mean"] for p in summary.get(var, [])]
         rows = [
@@ -45,6 +34,22 @@ def sweeps(params: config.Params, out_dir: str | Path = ".") -> dict:
     differences = sweep_differences(runs, groups)
     write_json(paths.results(out_dir, "sweeps.json"), {**summary, "differences": differences})
     return {"runs": runs, "groups": groups, "summary": summary, "differences": differences}
+
+
+def sweep_points(params, groups: dict[str, list[str]], values) -> dict[str, list[dict]]:
+    """Per sweep group, one row per run: its name, R and k, then the mapping ``values(run)``."""
+    return {
+        g: [
+            {
+                "run": n,
+                "R": params.sweep[n].expansion_factor,
+                "k": params.sweep[n].k,
+                **values(n),
+            }
+            for n in names
+        ]
+        for g, names in groups.items()
+    }
 
 
 def sweep_groups(params) -> dict[str, list[str]]:
