@@ -27,7 +27,7 @@ from mlsae.presets import preset_arguments
 from mlsae.stages.runs import run_lens, sweep_entry
 from mlsae.stages.train import train_config, training_source
 from mlsae.train import init_distributed, load_checkpoint, load_sae, train
-from mlsae.verify import verify
+from mlsae.verify import run_settings, verify
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -45,7 +45,10 @@ def train_command(args: argparse.Namespace) -> None:
 
 def verify_command(args: argparse.Namespace) -> None:
     """Print what moved beyond the tolerance; exit 1 if anything did."""
-    changes = verify(args.root, args.rev, args.rtol, args.atol)
+    changes, settings = run_settings(verify(args.root, args.rev, args.rtol, args.atol))
+    if settings:
+        print(f"recorded run settings that differ from {args.rev} (not results):")
+        print("\n".join(f"  {c}" for c in settings))
     print(
         "\n".join(changes)
         or f"results agree with {args.rev} within rtol {args.rtol}, atol {args.atol}"

@@ -20,3 +20,15 @@ def test_timings_are_not_results():
 
     assert moved({"fvu": 0.3, "build_seconds": 38.8}, {"fvu": 0.3, "build_seconds": 41.4}) == []
     assert moved({"fvu": 0.3}, {"fvu": 0.4}) == ["fvu: 0.3 -> 0.4"]
+
+
+def test_recorded_run_settings_are_kept_apart_from_results():
+    from mlsae.verify import run_settings
+
+    changes = [
+        "results/runs/r8-k32.json: config.checkpoint_every: only in one of them",
+        "results/runs/r8-k32.json: mean.fvu: 0.315 -> 0.4",
+        "results/metrics/runs/r8-k32.json: fvu: 0.315 -> 0.4",
+    ]
+    results, settings = run_settings(changes)
+    assert settings == changes[:1] and results == changes[1:]
