@@ -68,9 +68,11 @@ def verify(
 
 
 def run_settings(changes: list[str]) -> tuple[list[str], list[str]]:
-    """``(results, settings)``: ``changes`` split into moved results and differences inside a
-    run's recorded training config (``results/runs/<run>.json: config...``), which name how a run
-    was set up, not what it measured (a settings key renamed or added moves no number).
+    """``(results, settings)``: ``changes`` split into moved results and run settings.
+
+    Settings are differences inside a run's recorded training config
+    (``results/runs/<run>.json: config...``): how a run was set up, not what it measured (a
+    settings key renamed or added moves no number).
     """
     settings = [c for c in changes if ".json: config." in c]
     return [c for c in changes if c not in settings], settings
