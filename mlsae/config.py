@@ -104,10 +104,11 @@ class Lens:
     lr_decay: str = "none"
     """Step-size decay to 0 over ``steps`` (``none``, ``linear``, ``cosine``)."""
     init: str = "regression"
-    """``regression``: start from the least-squares map to the last layer (`mlsae.lens`);
+    """``regression``: start from the least-squares map to the last layer (`mlsae.lens_training`);
     ``identity``: start from x' = x (Belrose et al.)."""
     max_condition: float = 100.0
-    """Cap on cond(I + W) of each translator (singular values clipped after every step)."""
+    """Cap on cond(I + W) of each translator: singular values are clipped at the regression start
+    and after the last step."""
     lens_dir: str | None = None
     """Where to look for an existing lens (``lens/<model id>/``) when not training one.
 
@@ -127,7 +128,7 @@ class Eval:
     """Held-out contexts (of ``data.context_length`` tokens) run through the model for delta CE
     and KL."""
     ce_bf16: bool = True
-    """Run the delta-CE forwards under bfloat16 autocast (`mlsae.metrics.delta_ce_kl`)."""
+    """Run the delta-CE forwards under bfloat16 autocast (`mlsae.patching.delta_ce_kl`)."""
 
 
 @dataclass
