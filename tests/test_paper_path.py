@@ -39,7 +39,7 @@ def test_tiny_pythia_loads_streams_trains_and_evaluates(tmp_path, tiny_pythia):
         (tmp_path / "cache/activations/train").glob("*.npy")
     )  # no training cache on disk
     train_mlsae(params, "r4-k8", tmp_path, model)
-    result = evaluate_run(params, "r4-k8", tmp_path, model=model)["result"]
+    result = evaluate_run(params, "r4-k8", tmp_path, 0.22, model=model)["result"]
     assert result["tokens_trained"] == 2048
     assert len(result["per_layer"]["fvu"]) == 3 and result["mean"]["fvu"] < 1.0
     assert math.isfinite(result["mean"]["delta_ce"]) and result["mean"]["l0"] == 8

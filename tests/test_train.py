@@ -175,3 +175,31 @@ def test_a_decayed_run_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "part" / "checkpoint.stale.pt").exists()
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_train_config_is_the_params_sections_and_flat_keywords_go_where_they_belong():
+    from mlsae import config
+
+    assert TrainConfig().train == config.Train() and TrainConfig().run == config.Run()
+    cfg = TrainConfig.of(k=3, lr=0.5, shuffle_tokens=0, max_tokens=10, seed=2)
+    assert (cfg.run.k, cfg.train.lr, cfg.train.shuffle_tokens) == (3, 0.5, 0)
+    assert (cfg.max_tokens, cfg.seed) == (10, 2)
+    assert cfg.flat()["k"] == 3 and cfg.flat()["lr"] == 0.5 and "run" not in cfg.flat()
+    with pytest.raises(TypeError, match="no setting 'learning_rate'"):
+        TrainConfig.of(learning_rate=1.0)
+    with pytest.raises(ValueError, match="train.shuffle_tokens = 32 is smaller than one batch"):
+        TrainConfig.of(batch_tokens=64, shuffle_tokens=32)
+
+
+def test_a_new_checkpoint_interval_or_budget_resumes_but_a_new_setting_does_not():
+    from dataclasses import asdict
+
+    from mlsae.train import same_run
+
+    base = TrainConfig.of(k=4, max_tokens=100)
+    for resumable in (dict(checkpoint_tokens=7), dict(max_tokens=200), dict(epochs=2)):
+        kw = dict(k=4, max_tokens=100) | resumable
+        assert same_run(asdict(base), asdict(TrainConfig.of(**kw))), resumable
+    for fresh in (dict(lr=0.5), dict(k=8), dict(shuffle_tokens=0), dict(source="stream")):
+        kw = dict(k=4, max_tokens=100) | fresh
+        assert not same_run(asdict(base), asdict(TrainConfig.of(**kw))), fresh

@@ -83,8 +83,8 @@ def training_curve(log: list[dict], fvu_target: float) -> dict:
 def evaluate_run(
     params: config.Params,
     run: str,
-    out_dir: str | Path = ".",
-    fvu_target: float = 0.22,
+    out_dir: str | Path,
+    fvu_target: float,
     model: HookedTransformer | None = None,
 ) -> dict:
     """Held-out metrics of trained sweep entry ``run``, and its training curve.

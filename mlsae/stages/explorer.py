@@ -14,9 +14,12 @@ from mlsae.writers import write_metrics
 
 
 def latent_explorer(
-    params: config.Params, out_dir: str | Path = ".", n_top: int = 5, n_top_layer: int = 1
+    params: config.Params, out_dir: str | Path, n_top: int, n_top_layer: int
 ) -> dict:
     """Build ``figures/explorer`` for ``analysis.baseline_run`` (`mlsae.explorer`).
+
+    ``n_top`` contexts per latent and ``n_top_layer`` per latent and layer (the notebook's
+    parameters, its one source of these).
 
     For a run on raw residuals, the pipeline's tuned lens (when there is one) carries decoder
     directions to the last layer's basis for the logit effects. Writes
