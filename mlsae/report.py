@@ -115,7 +115,7 @@ def data_mix(summary: dict, params) -> str:
     training = (
         f"training streams {tokens:,} tokens through the model"
         if params.train.source == "stream"
-        else f"training reads a cache of {tokens:,} tokens"
+        else f"training reads the training cache (a budget of {tokens:,} tokens in whole contexts)"
     )
     lines.append(f"{sampling}; {training}. The paper streams 1B tokens of the Pile in order.")
     return "\n".join(lines)

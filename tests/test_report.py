@@ -214,7 +214,7 @@ def test_default_names_brown_and_the_trained_lens():
     assert "loaded" not in texts["lens"]
     assert rendered_layers(texts["baselines"]) == 30
     assert "Model, corpus, size and budget all differ" in texts["table1"]
-    assert "cache of 64,000 tokens" in texts["data_mix"]
+    assert "budget of 64,000 tokens" in texts["data_mix"]
     # the committed lens history: its verdict follows the sign of the change it prints
     (change,) = re.findall(r"moved ([+-][0-9.]+)% against", texts["lens"])
     expected = "rising" if float(change) > 5 else "still falling" if float(change) < -5 else None
