@@ -140,9 +140,13 @@ def _within(path: str, declared: set[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
 
 
-def opened(log: Path, root: Path) -> set[str]:
-    """Repository files the log shows read (an import's ``.pyc`` counts as its ``.py``)."""
-    out = set()
+def traced(log: Path, root: Path) -> list[tuple[str, str]]:
+    """``(mode, path)`` of each repository file in the log, relative to ``root``.
+
+    Paths outside the repository are dropped. An import reads ``mlsae/__pycache__/x.*.pyc``:
+    that counts as reading ``mlsae/x.py`` (a ``.pyc`` written is Python's, not the stage's).
+    """
+    out = []
     for line in log.read_text().splitlines():
         mode, path = line.split(" ", 1)
         try:
@@ -150,15 +154,17 @@ def opened(log: Path, root: Path) -> set[str]:
         except ValueError:
             continue
         if "__pycache__/" in rel:
+            if mode == "w":
+                continue
             folder, name = rel.split("__pycache__/")
             rel = f"{folder}{name.split('.')[0]}.py"
-        out.add(rel)
+        out.append((mode, rel))
     return out
 
 
 def unused(log: Path, deps: set[str], root: Path) -> list[str]:
     """Declared ``mlsae/`` dependencies the stage never opened: each makes it rerun for nothing."""
-    seen = opened(log, root)
+    seen = {rel for _, rel in traced(log, root)}
     return sorted(
         f"declares {d} but never opens it" for d in deps if d.startswith("mlsae/") and d not in seen
     )
@@ -167,24 +173,13 @@ def unused(log: Path, deps: set[str], root: Path) -> list[str]:
 def undeclared(log: Path, deps: set[str], outs: set[str], root: Path) -> list[str]:
     """Files in ``log`` that the stage read but did not declare, or wrote outside its outs.
 
-    Paths outside the repository, DVC's and git's own folders, and the tracer are ignored. An
-    import reads ``mlsae/__pycache__/x.*.pyc``: that counts as reading ``mlsae/x.py``. A written
+    DVC's and git's own folders and the tracer are ignored (`traced` drops the rest). A written
     file that no longer exists when the stage ends is a temporary (written, then renamed).
     """
     problems = set()
-    for line in log.read_text().splitlines():
-        mode, path = line.split(" ", 1)
-        try:
-            rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            continue
+    for mode, rel in traced(log, root):
         if rel.startswith((".dvc/", ".git/", "tests/trace/")) or rel in (".", "dvc.lock"):
             continue
-        if "__pycache__/" in rel:
-            if mode == "w":
-                continue
-            folder, name = rel.split("__pycache__/")
-            rel = f"{folder}{name.split('.')[0]}.py"
         if mode == "w":
             if not _within(rel, outs) and (root / rel).exists():
                 problems.add(f"writes {rel}")
