@@ -77,7 +77,9 @@ class Train:
     k_aux: int | None = None
     dead_tokens: int = 5000
     checkpoint_tokens: int = 20_000
-    select_bf16: bool = True
+    select_bf16: bool | str = "auto"
+    """Top-k chosen with a bf16 encoder matmul in training: true, false, or ``auto`` (bf16 where
+    the device has native bf16 units, `mlsae.precision`)."""
     grad_accum: int = 1
     lr_warmup_tokens: int = 0
     """Linear learning-rate warm-up (tokens; 0: none)."""
@@ -127,8 +129,9 @@ class Eval:
     ce_contexts: int = 4
     """Held-out contexts (of ``data.context_length`` tokens) run through the model for delta CE
     and KL."""
-    ce_bf16: bool = True
-    """Run the delta-CE forwards under bfloat16 autocast (`mlsae.patching.delta_ce_kl`)."""
+    ce_bf16: bool | str = "auto"
+    """Run the delta-CE forwards under bfloat16 autocast (`mlsae.patching.delta_ce_kl`): true,
+    false, or ``auto`` (where the device has native bf16 units, `mlsae.precision`)."""
 
 
 @dataclass
@@ -183,7 +186,10 @@ def _check_type(value, annotation, key: str):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        annotation = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        if bool in options and isinstance(value, bool):
+            return value  # e.g. ``bool | str``: true/false, or a word such as "auto"
+        annotation = next((a for a in options if a is not bool), options[0])
     if typing.get_origin(annotation) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}.")
@@ -263,6 +269,11 @@ def _one_of(key: str, value, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}.")
 
 
+def _bf16_setting(key: str, value) -> None:
+    if not isinstance(value, bool) and value != "auto":
+        raise ConfigError(f"{key} must be true, false or auto, got {value!r}.")
+
+
 def _positive(key: str, value) -> None:
     if value is not None and value <= 0:
         raise ConfigError(f"{key} must be positive, got {value}.")
@@ -278,6 +289,7 @@ def validate_train(t: Train, key: str = "train") -> None:
     _one_of(f"{key}.lr_decay", t.lr_decay, LR_DECAYS)
     _one_of(f"{key}.source", t.source, SOURCES)
     _one_of(f"{key}.stream_autocast", t.stream_autocast, AUTOCAST)
+    _bf16_setting(f"{key}.select_bf16", t.select_bf16)
     if t.shuffle_tokens < 0 or 0 < t.shuffle_tokens < t.batch_tokens:
         raise ConfigError(
             f"{key}.shuffle_tokens = {t.shuffle_tokens} is smaller than one batch "
@@ -315,6 +327,7 @@ def validate(
     _one_of("lens.lr_decay", p.lens.lr_decay, LR_DECAYS)
     _positive("lens.eval_tokens", p.lens.eval_tokens)
     _positive("eval.eval_tokens", p.eval.eval_tokens)
+    _bf16_setting("eval.ce_bf16", p.eval.ce_bf16)
     if n_ctx is not None and p.data.context_length > n_ctx:
         raise ConfigError(
             f"data.context_length {p.data.context_length} exceeds the model's n_ctx {n_ctx}."

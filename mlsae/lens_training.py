@@ -15,6 +15,7 @@ from mlsae import config
 from mlsae.distributions import NextTokenDistribution
 from mlsae.lens import TunedLens
 from mlsae.lens_kl import Unembedder
+from mlsae.precision import use_bf16
 from mlsae.schedule import lr_factor
 
 
@@ -113,7 +114,7 @@ def train_lens(
     *,
     progress: bool = True,
     weight_decay: float = 1e-3,
-    bf16: bool = True,
+    bf16: bool | str = "auto",
     init_tokens: int = 16384,
 ) -> tuple[TunedLens, list[float]]:
     """Fit translators so each layer's lens matches the model's final next-token distribution.
@@ -136,8 +137,9 @@ def train_lens(
         weight_decay: Adam's weight decay.
         bf16: run the unembedding matmuls of the training loss in bfloat16 (the model's own
             distribution, the softmax and the KL stay float32); several times faster on CPUs with
-            bf16 units and on GPUs. Evaluation (`mlsae.lens_kl.lens_kl_per_layer`) takes float64
-            logits.
+            bf16 units and on GPUs, far slower on CPUs without them (``auto``: where the device
+            has them, `mlsae.precision`). Evaluation (`mlsae.lens_kl.lens_kl_per_layer`) takes
+            float64 logits.
         init_tokens: training tokens of the regression start.
 
     Returns:
@@ -158,6 +160,7 @@ def train_lens(
         p.requires_grad_(False)
     opt = torch.optim.Adam(lens.parameters(), lr=lr, weight_decay=weight_decay)
     exact = Unembedder(model)
+    bf16 = use_bf16(bf16, model.cfg.device)
     fast = Unembedder(model, torch.bfloat16) if bf16 else exact
     history: list[float] = []
     bar = tqdm(total=steps, desc="lens", disable=not progress)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mlsae.activations import ActivationCache
 from mlsae.config import Run, Train, validate_run, validate_train
+from mlsae.precision import use_bf16
 from mlsae.sae import MLSAE
 from mlsae.schedule import lr_factor
 from mlsae.sources import CacheSource, TrainingSource
@@ -113,7 +114,7 @@ def build_sae(cfg: TrainConfig, d_model: int) -> MLSAE:
         k_aux=cfg.train.k_aux,
         aux_coef=cfg.train.aux_coef,
         dead_tokens=cfg.train.dead_tokens,
-        select_bf16=cfg.train.select_bf16,
+        select_bf16=use_bf16(cfg.train.select_bf16, cfg.device),
     )
 
 

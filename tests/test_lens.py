@@ -150,7 +150,7 @@ def test_lens_kl_evaluation_is_exactly_zero_at_the_last_layer(tiny_model, tmp_pa
     with torch.no_grad():  # large logits make float32 cancellation visible
         tiny_model.unembed.W_U.mul_(30)
     kl = lens_kl_per_layer(tiny_model, lens, cache, 10_000)
-    assert abs(kl[-1]) < 1e-9 and min(kl) >= 0
+    assert abs(kl[-1]) < 1e-9 and min(kl[:-1]) > 0  # the last: float64 rounding of 0
 
 
 def test_cap_condition_clips_singular_values_to_the_cap():

@@ -14,6 +14,7 @@ from mlsae import config, paths
 from mlsae.activations import ActivationCache
 from mlsae.baselines import delta_ce_matrix, fvu_matrix
 from mlsae.models import load_model
+from mlsae.precision import use_bf16
 from mlsae.train import load_sae
 from mlsae.writers import write_json, write_metrics
 
@@ -35,7 +36,9 @@ def single_layer_baselines(params: config.Params, out_dir: str | Path = ".") -> 
     test_cache = ActivationCache(paths.cache_paths(params, out_dir)["test"])
     fvu = fvu_matrix(saes, test_cache, layers, params.eval.eval_tokens)
     tokens = test_cache.contexts()[: params.analysis.baseline_ce_contexts]
-    d_ce, kl, n_ce = delta_ce_matrix(saes, model, tokens, layers, bf16=params.eval.ce_bf16)
+    d_ce, kl, n_ce = delta_ce_matrix(
+        saes, model, tokens, layers, bf16=use_bf16(params.eval.ce_bf16, params.base.device)
+    )
     result = {
         "layers": layers,
         "rows": [f"single layer {ly}" for ly in layers] + [f"MLSAE {run}"],

@@ -13,6 +13,7 @@ from mlsae.analysis import power_law_fit, tokens_to_reach
 from mlsae.latents import LayerStats
 from mlsae.metrics import evaluate
 from mlsae.models import load_model
+from mlsae.precision import use_bf16
 from mlsae.stages.runs import load_run
 from mlsae.train import flatten_config, load_checkpoint, read_log
 from mlsae.writers import write_csv, write_json, write_metrics
@@ -106,7 +107,7 @@ def evaluate_run(
         eval_tokens=params.eval.eval_tokens,
         ce_contexts=params.eval.ce_contexts,
         lens=lens,
-        ce_bf16=params.eval.ce_bf16,
+        ce_bf16=use_bf16(params.eval.ce_bf16, params.base.device),
     )
     checkpoint = load_checkpoint(folder / "checkpoint.pt")
     result["config"] = flatten_config(checkpoint["train_config"])
