@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from mlsae.lens_settings import LENS_METHODS as LENS_METHODS
+from mlsae.lens_settings import Lens, lens_problem
+
 
 class ConfigError(ValueError):
     """A problem in params.yaml, named by its dotted key."""
@@ -23,7 +26,6 @@ class ConfigError(ValueError):
 SOURCES = ("cache", "stream")
 AUTOCAST = ("bfloat16", "float16", "none")
 LR_DECAYS = ("none", "linear", "cosine")
-LENS_INITS = ("regression", "identity")
 
 HUB_REPO = "AlignmentResearch/tuned-lens"
 _PYTHIA_WITH_LENS = ("70m", "160m", "410m", "1.4b", "2.8b", "6.9b", "12b")
@@ -93,31 +95,9 @@ class Train:
     """Token shuffle block (tokens; 0: off). Memory: tokens x layers x d_model x 2 bytes."""
     stream_autocast: str = "bfloat16"
     """Autocast dtype of the stream's forward on a GPU (bfloat16, float16 or none)."""
-
-
-@dataclass
-class Lens:
-    """Tuned lens: train one, or load a published one from ``lens_dir``/the hub."""
-
-    train: bool = True
-    steps: int = 40
-    batch_tokens: int = 128
-    lr: float = 1e-3
-    lr_decay: str = "none"
-    """Step-size decay to 0 over ``steps`` (``none``, ``linear``, ``cosine``)."""
-    init: str = "regression"
-    """``regression``: start from the least-squares map to the last layer (`mlsae.lens_training`);
-    ``identity``: start from x' = x (Belrose et al.)."""
-    max_condition: float = 100.0
-    """Cap on cond(I + W) of each translator: singular values are clipped at the regression start
-    and after the last step."""
-    lens_dir: str | None = None
-    """Where to look for an existing lens (``lens/<model id>/``) when not training one.
-
-    None: the published lenses on the hub. The pipeline's own copy is ``<cache_dir>/lens/<model>``.
-    """
-    eval_tokens: int = 2048
-    """Held-out tokens for the logit-lens vs tuned-lens KL table."""
+    snapshot_tokens: list[int] = field(default_factory=lambda: [16_000, 32_000, 64_000, 128_000])
+    """Training lengths (tokens) at which a run's SAE is kept for analysis
+    (`mlsae.paths.snapshot_path`); only those below the run's budget are written."""
 
 
 @dataclass
@@ -126,9 +106,16 @@ class Eval:
 
     eval_tokens: int = 8192
     """Held-out tokens (from the test cache) for FVU, L0, L1 and the latent statistics."""
-    ce_contexts: int = 4
+    ce_contexts: int = 32
     """Held-out contexts (of ``data.context_length`` tokens) run through the model for delta CE
-    and KL."""
+    and KL (Table 1's delta-CE standard error is at most 0.03 nats from 32)."""
+    ce_stride: int = 3
+    """Layer design of delta CE for the Table 1 SAEs (the baseline run's final SAE, the lens runs):
+    context c is patched at the layers l with l = c (mod ce_stride), so every context and every
+    layer is measured and a run costs 1/ce_stride of the full contexts x layers grid (1: all)."""
+    sweep_ce_stride: int = 6
+    """The same design for the other sweep runs and for checkpoints (a multiple of ``ce_stride``,
+    so its (context, layer) pairs are a subset of Table 1's and paired comparisons share them)."""
     ce_bf16: bool | str = "auto"
     """Run the delta-CE forwards under bfloat16 autocast (`mlsae.patching.delta_ce_kl`): true,
     false, or ``auto`` (where the device has native bf16 units, `mlsae.precision`)."""
@@ -143,8 +130,11 @@ class Analysis:
     """Sweep entry whose size and budget the single-layer baselines copy."""
     baseline_layers: list[int] = field(default_factory=lambda: [0, 10, 20, 29])
     """Layers with a single-layer SAE (train layer x eval layer matrices over these)."""
-    baseline_ce_contexts: int = 4
-    """Contexts of held-out text for the delta-CE matrix."""
+    baseline_ce_contexts: int = 32
+    """Contexts of held-out text for the delta-CE matrix (every SAE at every baseline layer)."""
+    compare_tokens: int | None = 64_000
+    """Training length at which sweep runs, lens runs and the baseline run are compared: the
+    baseline run's snapshot at this many tokens stands for it (None: its final SAE)."""
     lens_run: str | None = None
     """The ``lens_sweep`` entry analysed beside ``baseline_run`` through the lens (null: none)."""
 
@@ -159,6 +149,9 @@ class Run:
     """Training budget of this run (None: data.train_tokens)."""
     lens: bool = False
     """Set by the loader: True for ``lens_sweep`` entries (not a key of params.yaml)."""
+    lens_method: str | None = None
+    """``lens_sweep`` entries only: the lens method (`Lens.methods`) of this run; None: the
+    default ``lens.method``."""
 
 
 @dataclass
@@ -290,6 +283,8 @@ def validate_train(t: Train, key: str = "train") -> None:
     _one_of(f"{key}.source", t.source, SOURCES)
     _one_of(f"{key}.stream_autocast", t.stream_autocast, AUTOCAST)
     _bf16_setting(f"{key}.select_bf16", t.select_bf16)
+    for i, tokens in enumerate(t.snapshot_tokens):
+        _positive(f"{key}.snapshot_tokens[{i}]", tokens)
     if t.shuffle_tokens < 0 or 0 < t.shuffle_tokens < t.batch_tokens:
         raise ConfigError(
             f"{key}.shuffle_tokens = {t.shuffle_tokens} is smaller than one batch "
@@ -320,14 +315,21 @@ def validate(
             "does not build; set lens.train: false (a published lens or lens.lens_dir) or "
             "train.source: cache."
         )
-    _positive("lens.steps", p.lens.steps)
-    _one_of("lens.init", p.lens.init, LENS_INITS)
-    if not p.lens.max_condition >= 1:
-        raise ConfigError(f"lens.max_condition must be at least 1, got {p.lens.max_condition}.")
-    _one_of("lens.lr_decay", p.lens.lr_decay, LR_DECAYS)
-    _positive("lens.eval_tokens", p.lens.eval_tokens)
+    problem = lens_problem(p.lens, p.sweep, LR_DECAYS)
+    if problem:
+        raise ConfigError(problem)
     _positive("eval.eval_tokens", p.eval.eval_tokens)
     _bf16_setting("eval.ce_bf16", p.eval.ce_bf16)
+    for key in ("ce_contexts", "ce_stride", "sweep_ce_stride"):
+        _positive(f"eval.{key}", getattr(p.eval, key))
+    if p.eval.sweep_ce_stride % p.eval.ce_stride:
+        raise ConfigError(
+            f"eval.sweep_ce_stride {p.eval.sweep_ce_stride} must be a multiple of eval.ce_stride "
+            f"{p.eval.ce_stride}: paired comparisons need the sweep's (context, layer) pairs to be "
+            "a subset of Table 1's."
+        )
+    _positive("analysis.compare_tokens", p.analysis.compare_tokens)
+    _positive("analysis.baseline_ce_contexts", p.analysis.baseline_ce_contexts)
     if n_ctx is not None and p.data.context_length > n_ctx:
         raise ConfigError(
             f"data.context_length {p.data.context_length} exceeds the model's n_ctx {n_ctx}."
@@ -379,6 +381,18 @@ def validate(
                     f"train.k_aux = {p.train.k_aux} exceeds n_latents = {n_latents} "
                     f"for sweep.{name}."
                 )
+
+
+def compare_tokens(params: Params) -> int:
+    """Training length at which the baseline run is compared with the other runs and baselines.
+
+    ``analysis.compare_tokens`` when the baseline run trains past it (it keeps a snapshot
+    there, `mlsae.paths.snapshot_path`), else the baseline run's own budget.
+    """
+    entry = params.sweep[params.analysis.baseline_run]
+    budget = entry.train_tokens or params.data.train_tokens
+    at = params.analysis.compare_tokens
+    return at if at is not None and at < budget else budget
 
 
 def as_dict(p: Params) -> dict:

@@ -1,6 +1,7 @@
 r"""How MLSAE latents spread over layers (paper section 4.2, Figures 2-3), streamed over tokens.
 
-Memory is O(layers x latents) for the totals, plus a ``(token, latent)`` scratch per batch.
+Memory is O(layers x latents) for the totals, plus a ``(token, latent)`` scratch per batch; with
+``groups``, O(units x layers x latents) and the stored tokens (below).
 
 Definitions, for latent i, layer l, and activations :math:`a_{t,l,i} \ge 0`:
 
@@ -25,6 +26,17 @@ Definitions, for latent i, layer l, and activations :math:`a_{t,l,i} \ge 0`:
   :math:`B_b = \mathrm{mean}_{t,i} \mathrm{var}(p_{t,\cdot,i})` (inactive pairs count as 0).
   The original records :math:`B_b / A_b` per batch and averages over batches; we report the
   reciprocal of that average, the "aggregated over per-token" ratio the paper quotes (~100).
+  `mlsae.latent_measures` computes it per context (the original's batch is one context), with
+  layers numbered from 0 and from 1, and explains why it differs from the ratio of variances.
+
+With ``groups`` (each token's context id) `LayerStats.update` also keeps, per bootstrap unit (a
+context; past ``max_units`` contexts, the j-th to arrive joins unit j mod ``max_units``), the sums
+every measure of `mlsae.latent_measures` recomputes in a bootstrap replicate: totals, counts and
+:math:`\sum_t p_{t,l,i}` per (layer, latent) (float32 / int32, U x L x F), summed per-token
+variances and active-token counts per latent, tokens, and (token, latent) pairs active at >= 1
+and at exactly 1 layer. It also stores the first ``store_tokens`` tokens' top-k indices (-1
+where the value is 0) and values (bfloat16) in arrival order, for windows and the layer-shuffle
+null. The cache yields a context's tokens contiguously and in order, which both rely on.
 """
 
 from __future__ import annotations
@@ -34,44 +46,35 @@ from pathlib import Path
 
 import torch
 
+from mlsae.latent_measures import layer_distribution
+
 THRESHOLDS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
-
-
-def layer_distribution(totals: torch.Tensor) -> dict[str, torch.Tensor]:
-    r"""Each latent's aggregated distribution over layers, and its mean, variance and entropy.
-
-    The definitions of the module docstring: :math:`p_{l,i}`, :math:`\mu_i`, :math:`\sigma^2_i`,
-    :math:`H_i` (nats). `LayerStats.compute` and the explorer both read them from here.
-
-    Args:
-        totals: ``(layer, latent)`` summed activations :math:`s_{l,i}`, float64.
-
-    Returns:
-        ``distribution`` ``(layer, latent)``; ``mass`` (:math:`\sum_l s_{l,i}`), ``mean_layer``,
-        ``variance`` and ``entropy``, each ``(latent,)``. A latent that never fired (mass 0)
-        gets zeros (not NaN: callers mask it, as `compute` does).
-    """
-    layers = torch.arange(totals.shape[0], dtype=torch.float64)[:, None]
-    mass = totals.sum(0)
-    p = totals / mass.clamp_min(1e-300)
-    mean_layer = (layers * p).sum(0)
-    return {
-        "distribution": p,
-        "mass": mass,
-        "mean_layer": mean_layer,
-        "variance": ((layers - mean_layer) ** 2 * p).sum(0),
-        "entropy": -(p * torch.log(p.clamp_min(1e-300))).sum(0),
-    }
+MAX_UNITS = 256
+"""Bootstrap units kept per (layer, latent) (memory: units x layers x latents x 12 bytes)."""
+UNIT_SUMS = (
+    "unit_totals", "unit_share", "unit_counts", "unit_token_var", "unit_token_count",
+    "unit_tokens", "unit_pairs", "unit_single",
+)  # fmt: skip
+"""The per-unit sums, each with the unit on axis 0."""
+STORE_TOKENS = 16_384
+"""Tokens whose top-k indices and values are kept (windows, the layer-shuffle null)."""
 
 
 class LayerStats:
     """Streaming per-(layer, latent) statistics of an MLSAE's activations.
 
-    Feed `update(values, indices)` with top-k values and indices of shape ``(layer, token, k)``
-    (all layers of the same tokens); read `compute()`.
+    Feed `update(values, indices, groups)` with top-k values and indices of shape ``(layer,
+    token, k)`` (all layers of the same tokens) and, optionally, each token's context id; read
+    `compute()` and, with groups, `mlsae.latent_measures.bootstrap_measures`.
     """
 
-    def __init__(self, n_layers: int, n_latents: int):
+    def __init__(
+        self,
+        n_layers: int,
+        n_latents: int,
+        max_units: int = MAX_UNITS,
+        store_tokens: int = STORE_TOKENS,
+    ):
         self.n_layers, self.n_latents = n_layers, n_latents
         f64 = torch.float64
         self.counts = torch.zeros(n_layers, n_latents, dtype=f64)
@@ -80,10 +83,36 @@ class LayerStats:
         self.token_count = torch.zeros(n_latents, dtype=f64)
         self.n_tokens = 0
         self.paper_rel_var_t: list[float] = []  # the original's B_b / A_b, per batch
+        # with groups (module docstring); old files lack these and load them empty
+        self.max_units, self.store_tokens = max_units, store_tokens
+        self.unit_context: list[int] = []  # context ids in order of arrival
+        shape = (0, n_layers, n_latents)
+        self.unit_totals, self.unit_share = torch.zeros(shape), torch.zeros(shape)
+        self.unit_counts = torch.zeros(shape, dtype=torch.int32)
+        self.unit_token_var = torch.zeros(0, n_latents, dtype=f64)
+        self.unit_token_count = torch.zeros(0, n_latents, dtype=f64)
+        self.unit_tokens, self.unit_pairs, self.unit_single = (
+            torch.zeros(0, dtype=f64) for _ in range(3)
+        )
+        itype = torch.int16 if n_latents <= torch.iinfo(torch.int16).max else torch.int32
+        self.token_indices = torch.zeros(n_layers, 0, 0, dtype=itype)
+        self.token_values = torch.zeros(n_layers, 0, 0, dtype=torch.bfloat16)
+        self.token_context = torch.zeros(0, dtype=torch.int64)
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether per-context sums were kept (``update`` was given ``groups``)."""
+        return len(self.unit_tokens) > 0
 
     @torch.no_grad()
-    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add one batch: ``values``, ``indices`` of shape ``(layer, token, k)``."""
+    def update(
+        self, values: torch.Tensor, indices: torch.Tensor, groups: torch.Tensor | None = None
+    ) -> None:
+        """Add one batch: ``values``, ``indices`` of shape ``(layer, token, k)``.
+
+        ``groups``: ``(token,)`` context id of each token (None: no per-context sums; the other
+        statistics are the same either way).
+        """
         n_layers, n_tok, _ = values.shape
         values, indices = values.double().cpu(), indices.cpu()
         active = values > 0
@@ -117,9 +146,58 @@ class LayerStats:
         per_token = var.sum() / (n_tok * self.n_latents)
         if aggregated > 0:
             self.paper_rel_var_t.append((per_token / aggregated).item())
+        if groups is not None:
+            layers_on = torch.bincount(key, minlength=n_tok * self.n_latents).view(n_tok, -1)
+            self._update_groups(values, indices, active, groups.cpu(), var, seen, share, layers_on)
+
+    def _unit_of(self, groups: torch.Tensor) -> torch.Tensor:
+        """``(token,)`` bootstrap unit of each token; grows the per-unit sums for new contexts."""
+        known = {c: i for i, c in enumerate(self.unit_context)}
+        for c in torch.unique_consecutive(groups).tolist():
+            if c not in known:
+                known[c] = len(self.unit_context)
+                self.unit_context.append(c)
+        n_new = min(len(self.unit_context), self.max_units) - len(self.unit_tokens)
+        for name in UNIT_SUMS:
+            old = getattr(self, name)
+            setattr(self, name, torch.cat([old, old.new_zeros(n_new, *old.shape[1:])]))
+        return torch.tensor([known[c] % self.max_units for c in groups.tolist()])
+
+    def _update_groups(self, values, indices, active, groups, var, seen, share, layers_on):
+        """Per-unit sums (module docstring) and the stored tokens; called by `update`."""
+        n_layers, n_tok, _ = values.shape
+        unit = self._unit_of(groups)
+        present, local = torch.unique(unit, return_inverse=True)
+        cell = torch.arange(n_layers)[:, None, None] * self.n_latents + indices
+        key = ((local[None, :, None] * n_layers * self.n_latents) + cell)[active]
+        size = len(present) * n_layers * self.n_latents
+        sums_of = (("unit_totals", values[active]), ("unit_share", share), ("unit_counts", None))
+        for name, w in sums_of:
+            sums = torch.bincount(key, weights=w, minlength=size).view(len(present), n_layers, -1)
+            getattr(self, name)[present] += sums.to(getattr(self, name).dtype)
+        self.unit_token_var.index_add_(0, unit, var)
+        self.unit_token_count.index_add_(0, unit, seen.double())
+        self.unit_tokens.index_add_(0, unit, torch.ones(n_tok, dtype=torch.float64))
+        self.unit_pairs.index_add_(0, unit, (layers_on > 0).sum(1).double())
+        self.unit_single.index_add_(0, unit, (layers_on == 1).sum(1).double())
+        keep = min(n_tok, self.store_tokens - len(self.token_context))
+        if keep > 0:
+            idx = torch.where(active, indices, -1)[:, :keep].to(self.token_indices.dtype)
+            if self.token_indices.shape[1] == 0:  # the first stored batch sets k
+                self.token_indices = self.token_indices.new_zeros(n_layers, 0, idx.shape[2])
+                self.token_values = self.token_values.new_zeros(n_layers, 0, idx.shape[2])
+            self.token_indices = torch.cat([self.token_indices, idx], 1)
+            vals = values[:, :keep].to(torch.bfloat16)
+            self.token_values = torch.cat([self.token_values, vals], 1)
+            self.token_context = torch.cat([self.token_context, groups[:keep]])
 
     def save(self, path: str | Path) -> None:
-        """Write the accumulated sums (a few MB: O(layers x latents)) with `torch.save`."""
+        """Write the accumulated sums with `torch.save`.
+
+        O(layers x latents) without groups (a few MB); with them also the per-unit sums (12 bytes
+        per unit, layer and latent: 55 MB for 33 contexts x 30 layers x 4,608 latents) and the
+        stored tokens (4 bytes per entry: 31 MB for 8,192 tokens x 30 layers x k = 32).
+        """
         torch.save(dict(vars(self)), path)
 
     @classmethod

@@ -1,8 +1,9 @@
-r"""Fitting a tuned lens: the least-squares start, KL training and the condition-number cap.
+r"""The ``regression`` lens (least-squares start, Adam on the KL, condition cap) and shared helpers.
 
-`train_lens` minimises the KL of `mlsae.lens_kl` over cached residuals, from the identity
-(Belrose et al. 2023) or from `regression_lens`; its settings are the ``lens`` section of
-params.yaml (`mlsae.config.Lens`).
+`train_lens` minimises the KL of `mlsae.lens_kl` over cached residuals, from the identity or from
+`regression_lens`; its settings are the ``lens`` section of params.yaml (`mlsae.config.Lens`:
+``steps`` .. ``max_condition``). The other methods are `mlsae.lens_belrose` and
+`mlsae.lens_ridge`; `heldout_split` and `gather_tokens` give them their data.
 """
 
 from __future__ import annotations
@@ -30,6 +31,38 @@ def block_inputs(
     """
     embed = model.embed(tokens.long().to(model.cfg.device))[None]
     return torch.cat([embed.to(acts.device, acts.dtype), acts[:-1]])
+
+
+def heldout_split(n_tokens: int, n_heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(heldout, rest)``: sorted global token indices of a training cache, split at random.
+
+    ``n_heldout`` tokens drawn by a ``seed``-ed permutation (spread over the cache's contexts)
+    are held out of the belrose and ridge fits; ``rest`` are the other tokens in that random
+    order (the fits' training order).
+    """
+    if not 0 < n_heldout < n_tokens:
+        raise ValueError(f"Cannot hold out {n_heldout} of a cache of {n_tokens} tokens.")
+    order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
+    return order[:n_heldout].sort().values, order[n_heldout:]
+
+
+def gather_tokens(cache, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(acts (layer, len(idx), d) float32, token ids)`` of global token indices ``idx``.
+
+    Indices count tokens across the cache's shards in order; the result keeps ``idx``'s order.
+    """
+    sizes = [cache.shard(i).shape[1] for i in range(len(cache))]
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    idx = torch.as_tensor(idx).long()
+    order = idx.argsort()
+    shard_of = torch.searchsorted(starts, idx[order], right=True) - 1
+    acts, toks = [], []
+    for shard in shard_of.unique().tolist():
+        local = (idx[order][shard_of == shard] - starts[shard]).numpy()
+        acts.append(torch.from_numpy(cache.shard(shard)[:, local].astype("float32")))
+        toks.append(torch.from_numpy(cache.tokens(shard)[local].astype("int64")))
+    inverse = order.argsort()
+    return torch.cat(acts, 1)[:, inverse], torch.cat(toks)[inverse]
 
 
 @torch.no_grad()

@@ -32,9 +32,13 @@ def cache_paths(params, out_dir: str | Path = ".") -> dict[str, Path]:
     return {"train": root / "train", "test": root / "test"}
 
 
-def lens_path(params, out_dir: str | Path = ".") -> Path:
-    """The pipeline's copy of the model's tuned lens (trained, or loaded, by the lens stage)."""
-    return Path(out_dir) / params.base.cache_dir / "lens" / params.base.model
+def lens_path(params, out_dir: str | Path = ".", method: str | None = None) -> Path:
+    """``<cache_dir>/lens/<model>/<method>``: the pipeline's copy of a tuned lens.
+
+    Trained (or loaded) by the lens stage; ``method`` None: the default ``lens.method``.
+    """
+    method = params.lens.method if method is None else method
+    return Path(out_dir) / params.base.cache_dir / "lens" / params.base.model / method
 
 
 def run_dir(params, run: str, out_dir: str | Path = ".") -> Path:
@@ -47,9 +51,52 @@ def baselines_dir(params, out_dir: str | Path = ".") -> Path:
     return Path(out_dir) / params.base.cache_dir / "baselines"
 
 
-def latent_stats_path(params, run: str, out_dir: str | Path = ".") -> Path:
-    """``<cache_dir>/latent_stats/<run>.pt``, written by the run's evaluation."""
-    return Path(out_dir) / params.base.cache_dir / "latent_stats" / f"{run}.pt"
+def snapshot_name(run: str, tokens: int | None) -> str:
+    """``<run>@<tokens>``: a run's SAE after ``tokens`` training tokens (None: ``run``, final)."""
+    return run if tokens is None else f"{run}@{tokens}"
+
+
+def snapshot_file(folder: str | Path, tokens: int) -> Path:
+    """``<folder>/snapshots/tokens-<N>.pt``: a run's SAE after the first step reaching N tokens.
+
+    Written by `mlsae.train.train` for each of ``train.snapshot_tokens`` below the budget (a
+    checkpoint without the optimizer state; `mlsae.train.load_sae` reads it).
+    """
+    return Path(folder) / "snapshots" / f"tokens-{tokens}.pt"
+
+
+def snapshot_path(params, run: str, tokens: int, out_dir: str | Path = ".") -> Path:
+    """`snapshot_file` of sweep entry ``run``'s folder (`run_dir`)."""
+    return snapshot_file(run_dir(params, run, out_dir), tokens)
+
+
+def latent_stats_path(
+    params, run: str, out_dir: str | Path = ".", tokens: int | None = None
+) -> Path:
+    """``<cache_dir>/latent_stats/<run>.pt``, or ``snapshot_stats/<run>@<tokens>.pt``.
+
+    Written by the run's evaluation (stage ``evaluate_run``), or for a training snapshot by
+    stage ``evaluate_snapshots``.
+    """
+    folder = "latent_stats" if tokens is None else "snapshot_stats"
+    return Path(out_dir) / params.base.cache_dir / folder / f"{snapshot_name(run, tokens)}.pt"
+
+
+def per_context_path(out_dir: str | Path, name: str) -> Path:
+    """``results/per_context/<name>.csv``: delta CE, KL and FVU sums per (context, layer).
+
+    For a training snapshot (``name`` = `snapshot_name`): ``results/snapshots/<name>.csv``.
+    """
+    if "@" in name:
+        return results(out_dir, "snapshots", f"{name}.csv")
+    return results(out_dir, "per_context", f"{name}.csv")
+
+
+def run_result_path(out_dir: str | Path, name: str) -> Path:
+    """``results/runs/<name>.json``, or ``results/snapshots/<name>.json`` for a snapshot."""
+    if "@" in name:
+        return results(out_dir, "snapshots", f"{name}.json")
+    return results(out_dir, "runs", f"{name}.json")
 
 
 def results(out_dir: str | Path, *parts: str) -> Path:

@@ -296,16 +296,27 @@ def baselines(result: dict, params) -> str:
     )
 
 
+def _verdict_line(r: dict) -> str:
+    """One paired comparison: difference, SE, 95% CI, the smallest difference it could detect."""
+    if not r.get("paired"):
+        verdict = "within noise" if r["within_noise"] else "beyond 2 SE"
+        return f"{r['difference']:+.3f} ± {r['se']:.3f} (unpaired, {verdict})"
+    return (
+        f"{r['difference']:+.3f} ± {r['se']:.3f} (95% CI {r['ci_low']:+.3f} to "
+        f"{r['ci_high']:+.3f}, p = {r['p']:.3f}; detectable at 80% power: "
+        f"{r['mde80']:.3f}): **{r['verdict']}**"
+    )
+
+
 def sweeps(differences: dict, params) -> str:
-    """Stage 08: which steps of the R and k sweeps are larger than their noise."""
-    lines = [f"**Sweeps** ({_source(params)}; a step is *real* when it exceeds 2 bootstrap SEs):"]
+    """Stage 08: which steps of the R and k sweeps the paired test can tell from noise."""
+    lines = [
+        f"**Sweeps** ({_source(params)}; each step b - a by a paired bootstrap over the shared "
+        "held-out contexts, `mlsae.compare`; the verdict is whether the 95% CI excludes 0):"
+    ]
     for group, rows in differences.items():
         for r in rows:
-            verdict = "within noise" if r["within_noise"] else "real"
-            lines.append(
-                f"- {group}: {r['from']} -> {r['to']}, {r['metric']} {r['difference']:+.3f} "
-                f"± {r['se']:.3f} ({verdict})"
-            )
+            lines.append(f"- {group}: {r['from']} -> {r['to']}, {r['metric']} {_verdict_line(r)}")
     lines.append(
         "\n**Against the paper** (Appendix B): FVU and delta CE fall as R and k grow; with the "
         "lens they mostly drop further."
@@ -313,16 +324,44 @@ def sweeps(differences: dict, params) -> str:
     return "\n".join(lines)
 
 
+def _ci(m: dict | None, unit: str = "") -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    ci = m.get("ci")
+    band = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+    return f"{m['value']:.2f}{unit}{band}"
+
+
 def latents(summaries: dict[str, dict], params) -> str:
-    """Stage 09 (Figures 2-3, section 4.2)."""
+    """Stage 09 (Figures 2-3, section 4.2).
+
+    ``summaries``: per run label, its ``summary`` (`mlsae.analysis.summary`), or a stage result
+    ``{"summary", "findings"}`` whose bootstrap measures are then quoted too.
+    """
     lines = [f"**Latents over layers** ({_source(params)}):"]
-    for name, s in summaries.items():
-        lines.append(
+    for name, res in summaries.items():
+        s = res.get("summary", res)
+        b = (res.get("findings") or {}).get("bootstrap") or {}
+        line = (
             f"- {name}: {s['n_latents_active']:,} active latents, active at "
-            f"{s['mean_layers_active_ge1']:.1f} layers on average (>= 1 activation); variance "
-            f"ratio {s['variance_ratio_paper']:.1f}x in the paper's definition and "
-            f"{s['variance_ratio']:.1f}x in ours."
+            f"{s['mean_layers_active_ge1']:.1f} layers on average (>= 1 activation; this count "
+            "saturates with the number of tokens)"
         )
+        if b:
+            line += (
+                f"; layers holding >= 1% of a latent's mass {_ci(b.get('layers_ge1pct_mean'))}, "
+                f">= 5% {_ci(b.get('layers_ge5pct_mean'))}; exp(H) "
+                f"{_ci(b.get('exp_entropy_mean'))} layers; variance ratio: the original formula "
+                f"{_ci(b.get('paper_0based'), 'x')} with layers numbered from 0 and "
+                f"{_ci(b.get('paper_1based'), 'x')} from 1, the ratio of variances "
+                f"{_ci(b.get('ratio_of_variances'), 'x')}."
+            )
+        else:
+            line += (
+                f"; variance ratio {s['variance_ratio_paper']:.1f}x in the paper's definition and "
+                f"{s['variance_ratio']:.1f}x in ours."
+            )
+        lines.append(line)
     lines.append(
         f"\n**Against the paper** (section 4.2): aggregated over tokens a latent's distribution "
         f"over layers has ~{PAPER_VARIANCE_RATIO:.0f}x the variance it has on one token, and "

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mlsae.activations import ActivationCache
 from mlsae.config import Run, Train, validate_run, validate_train
+from mlsae.paths import snapshot_file
 from mlsae.precision import use_bf16
 from mlsae.sae import MLSAE
 from mlsae.schedule import lr_factor
@@ -235,13 +236,13 @@ def train(
     elif log_path.exists():
         log_path.unlink()
 
-    def checkpoint() -> None:
+    def checkpoint(path: Path = ckpt_path, optimizer: bool = True) -> None:
         save_checkpoint(
-            ckpt_path,
+            path,
             {
                 "sae": sae.state_dict(),
                 "sae_config": sae.config(),
-                "optimizer": opt.state_dict(),
+                "optimizer": opt.state_dict() if optimizer else None,
                 "train_config": asdict(cfg),
                 "layers": layers,
                 "tokens_seen": tokens_seen,
@@ -249,6 +250,10 @@ def train(
                 "budget": budget,
             },
         )
+
+    # SAEs kept for analysis at these training lengths (a snapshot: a checkpoint without the
+    # optimizer, so `load_sae` reads it); one already written is kept on resume.
+    snapshots = sorted(t for t in cfg.train.snapshot_tokens if tokens_seen < t < budget)
 
     rank, world = dist_info()
     step_tokens = cfg.train.batch_tokens * cfg.train.grad_accum * world
@@ -333,6 +338,10 @@ def train(
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}")
+            while snapshots and tokens_seen >= snapshots[0]:
+                if rank == 0:
+                    checkpoint(snapshot_file(run_dir, snapshots[0]), optimizer=False)
+                snapshots.pop(0)
             if next_ckpt is not None and tokens_seen >= next_ckpt:
                 if rank == 0:
                     checkpoint()
@@ -377,7 +386,9 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-RESUMABLE_CHANGES = {"max_tokens", "checkpoint_tokens", "epochs", "log_every", "device"}
+RESUMABLE_CHANGES = {
+    "max_tokens", "checkpoint_tokens", "epochs", "log_every", "device", "snapshot_tokens",
+}  # fmt: skip
 """Settings a run may change between resumes; any other change starts the run afresh."""
 
 

@@ -106,6 +106,10 @@ def test_paper_preset_is_valid_for_pythia_70m():
 def test_lens_requested_with_none_available_and_no_training(tmp_path):
     raw = base()  # smollm2-135m has no published lens; the sweep has a lens run
     raw["lens"] |= {"train": False, "lens_dir": str(tmp_path / "lenses")}
+    lens_runs = raw["lens_sweep"]
+    with pytest.raises(ConfigError, match="lens_method"):  # a method that is not made
+        config.from_dict(raw | {"lens_sweep": {"x": {"lens_method": "ridge"}}})
+    raw["lens_sweep"] = {n: r for n, r in lens_runs.items() if "lens_method" not in r}
     with pytest.raises(ConfigError, match=r"sweep.r8-k32-lens asks for a tuned lens.*smollm2-135m"):
         config.from_dict(raw)
     # a lens put in the folder, a model with a published lens, or training: all accepted

@@ -46,16 +46,29 @@ def tiny_params(corpus: Path) -> dict:
         "test_tokens": 256,
     }
     params["train"] |= {"batch_tokens": 32, "checkpoint_tokens": 256, "dead_tokens": 128}
-    params["lens"] |= {"steps": 3, "batch_tokens": 64}
-    params["eval"] |= {"eval_tokens": 256}
+    params["lens"] |= {
+        "steps": 3,
+        "batch_tokens": 64,
+        "belrose_steps": 3,
+        "belrose_batch_tokens": 32,
+        "belrose_loss_vocab": 64,
+        "belrose_tail_samples": 32,
+        "heldout_tokens": 16,
+        "ridge_tokens": 256,
+        "eval_tokens": 64,
+    }
+    params["eval"] |= {"eval_tokens": 256, "ce_contexts": 8}
+    params["train"] |= {"snapshot_tokens": [256, 512]}
     params["analysis"] |= {
         "drift_tokens": 128,
         "baseline_run": "r2-k4",
         "lens_run": "r2-k4-lens",
         "baseline_layers": [0, 1],
-        "baseline_ce_contexts": 2,
+        "baseline_ce_contexts": 4,
+        "compare_tokens": 512,
     }
     params["sweep"] = {n: {"expansion_factor": r, "k": k} for n, (r, k) in RUNS.items()}
+    params["sweep"]["r2-k4"]["train_tokens"] = 1024  # two passes; snapshots at 256 and 512
     params["lens_sweep"] = {n: {"expansion_factor": r, "k": k} for n, (r, k) in LENS_RUNS.items()}
     return params
 
@@ -248,6 +261,12 @@ def test_executed_notebooks_show_figures_tables_and_explanations(repo):
         "latents_prompts",
         "latents_activity_sweeps",
         "latents_decoder_cosine",
+        "latents_relative_thresholds",
+        "latents_effective_layers",
+        "latents_windows",
+        "latents_sweep_layer_std",
+        "latents_by_tokens",
+        "snapshots_fvu",
     ]:
         assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem
     for name in ("02_residual_drift", "05_evaluate_run_r2-k4", "09_latents_over_layers"):

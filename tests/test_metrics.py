@@ -3,7 +3,7 @@ import torch
 
 from mlsae.activations import residual_stream
 from mlsae.metrics import evaluate
-from mlsae.patching import delta_ce_kl
+from mlsae.patching import delta_ce_kl, stride_mask
 from mlsae.reconstruction import ReconstructionStats
 from mlsae.sae import MLSAE
 from mlsae.similarity import mmcs
@@ -288,3 +288,71 @@ def test_delta_ce_in_bf16_is_close_to_fp32_and_really_bf16(tiny_model):
     b = delta_ce_kl(tiny_model, tokens, noisy, bf16=True)
     assert not torch.equal(a["delta_ce"], b["delta_ce"])  # the autocast took effect
     torch.testing.assert_close(b["delta_ce"] / b["n"], a["delta_ce"] / a["n"], atol=0.05, rtol=0.05)
+
+
+def test_mean_replicates_with_counts_per_unit_and_layer_hand_computed():
+    from mlsae import bootstrap
+
+    sums = torch.tensor([[2.0, 0.0], [4.0, 6.0]])
+    counts = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # unit 0 not measured at layer 1
+    w = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    reps = bootstrap.mean_replicates(sums, counts, w)
+    assert reps[0].tolist() == pytest.approx([6 / 4, 6 / 2])
+    assert reps[1, 0].item() == pytest.approx(2.0) and reps[1, 1].isnan()  # 0 / 0: no unit
+    assert reps[2].tolist() == pytest.approx([8 / 6, 12 / 4])
+    # stratified weights: each stratum keeps its size; one stratum is the plain bootstrap
+    strata = torch.tensor([0, 1, 0, 1, 1])
+    ws = bootstrap.weights(5, 40, 0, strata=strata)
+    assert (ws[:, [0, 2]].sum(1) == 2).all() and (ws[:, [1, 3, 4]].sum(1) == 3).all()
+    assert torch.equal(bootstrap.weights(5, 40, 0, strata=torch.zeros(5)), bootstrap.weights(5, 40))
+
+
+class GroupsSpy:
+    """Stands in for `mlsae.latents.LayerStats`: records the groups each update gets."""
+
+    def __init__(self):
+        self.groups = []
+
+    def update(self, values, indices, groups=None):
+        self.groups.append(groups)
+
+
+def test_evaluate_under_a_stride_design_keeps_per_context_sums(tiny_model):
+    torch.manual_seed(0)
+    sae = MLSAE(32, 64, 4).eval()
+    gen = torch.Generator().manual_seed(0)
+    contexts = torch.cat(
+        [torch.ones(5, 1, dtype=torch.long), torch.randint(4, 60, (5, 7), generator=gen)], 1
+    )
+    ids = torch.tensor([10, 11, 12, 13, 14])  # global context ids
+    spy = GroupsSpy()
+    res = evaluate(
+        sae, tiny_model, contexts.split(2), ce_stride=3, ce_context_ids=ids, latent_stats=spy
+    )
+    # reference: every pair patched, then only the pairs l = c (mod 3) kept
+    full = delta_ce_kl(tiny_model, contexts, lambda x, ly: sae(x).recons)
+    mask = stride_mask(ids, [0, 1, 2], 3)  # (context, layer)
+    pc = res["per_context"]
+    assert pc["context"] == ids.tolist() and pc["layers"] == [0, 1, 2]
+    n_pred = torch.tensor(pc["n_pred"], dtype=torch.float64)
+    design = {"stride": 3, "contexts": 5, "pairs": 5}
+    assert torch.equal(n_pred > 0, mask) and res["ce_design"] == design
+    sums = torch.tensor(pc["delta_ce_sum"], dtype=torch.float64)
+    torch.testing.assert_close(
+        sums, torch.where(mask, full["delta_ce_rows"].T, 0), atol=1e-5, rtol=1e-5
+    )
+    for layer in range(3):  # per-layer mean over the contexts patched there
+        expected = (sums[:, layer].sum() / n_pred[:, layer].sum()).item()
+        assert res["per_layer"]["delta_ce"][layer] == pytest.approx(expected, rel=1e-12)
+    assert res["mean"]["delta_ce"] == pytest.approx(sum(res["per_layer"]["delta_ce"]) / 3)
+    assert len(res["per_layer"]["delta_ce_se"]) == 3 and res["mean"]["delta_ce_se"] > 0
+    # FVU per context (from the model's residuals here): sum_c sse / D is the FVU
+    sse = torch.tensor(pc["sse"], dtype=torch.float64)
+    denom = torch.tensor(res["fvu_denominator"]["raw"], dtype=torch.float64)
+    assert (
+        res["fvu_denominator"]["space"] == res["fvu_denominator"]["raw"] and pc["sse_raw"] is None
+    )
+    assert (sse.sum(0) / denom).tolist() == pytest.approx(res["per_layer"]["fvu"], rel=1e-9)
+    assert pc["n_tokens"] == [7.0] * 5  # BOS dropped
+    # the latent statistics got each token's context id
+    assert torch.cat(spy.groups).tolist() == ids.repeat_interleave(7).tolist()

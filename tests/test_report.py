@@ -130,7 +130,11 @@ def committed() -> dict:
 
     lens = _read("lens_kl.json")
     base = DEFAULT.analysis.baseline_run
-    runs = {name: _read(f"runs/{name}.json") for name in DEFAULT.sweep}
+    # runs of the params that have committed results (a run added to params.yaml has none
+    # until the pipeline has run it)
+    made = [n for n in DEFAULT.sweep if (ROOT / "results" / "runs" / f"{n}.json").exists()]
+    runs = {name: _read(f"runs/{name}.json") for name in made}
+    groups = {g: [n for n in names if n in runs] for g, names in sweep_groups(DEFAULT).items()}
     latents = _read("latents.json")["runs"]
     return {
         "summary": _read("data_mix.json")["summary"],
@@ -139,7 +143,7 @@ def committed() -> dict:
         "run": (runs[base], runs[base].get("fvu_fit"), base),
         "table": table1(runs, DEFAULT),
         "baselines": _read("baselines.json") | {"n_layers": len(runs[base]["layers"])},
-        "differences": sweep_differences(runs, sweep_groups(DEFAULT)),
+        "differences": sweep_differences(runs, groups),
         "latents": {name: r["summary"] for name, r in latents.items()},
     }
 
@@ -308,7 +312,7 @@ def test_report_imports_nothing_heavy():
         "bad = [m for m in ('torch', 'matplotlib', 'numpy', 'pandas', 'transformer_lens') "
         "if m in sys.modules]; "
         "bad += [m for m in sys.modules if m.startswith('mlsae.') "
-        "and m not in ('mlsae.report', 'mlsae.config')]; "
+        "and m not in ('mlsae.report', 'mlsae.config', 'mlsae.lens_settings')]; "
         "assert not bad, bad"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

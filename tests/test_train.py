@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import make_cache
 
+from mlsae import config
+from mlsae.stages.train import passes
 from mlsae.train import NonFiniteError, TrainConfig, load_checkpoint, load_sae, read_log, train
 
 
@@ -203,3 +205,25 @@ def test_a_new_checkpoint_interval_or_budget_resumes_but_a_new_setting_does_not(
     for fresh in (dict(lr=0.5), dict(k=8), dict(shuffle_tokens=0), dict(source="stream")):
         kw = dict(k=4, max_tokens=100) | fresh
         assert not same_run(asdict(base), asdict(TrainConfig.of(**kw))), fresh
+
+
+def test_snapshots_are_the_sae_of_a_run_stopped_there(tmp_path):
+    """A snapshot at N tokens holds exactly the weights of the same run trained to N (constant
+    step size, cache order): the 64k point of a longer run stands for a 64k run."""
+    cache = make_cache(tmp_path / "cache")
+    train(cfg(snapshot_tokens=[640, 1280, 4096]), cache, tmp_path / "long", progress=False)
+    short = train(cfg(max_tokens=640), cache, tmp_path / "short", progress=False)
+    snaps = sorted(p.name for p in (tmp_path / "long" / "snapshots").iterdir())
+    assert snaps == ["tokens-1280.pt", "tokens-640.pt"]  # 4096 is past the 2048-token budget
+    state = load_checkpoint(tmp_path / "long" / "snapshots" / "tokens-640.pt")
+    assert state["tokens_seen"] == 640 and state["optimizer"] is None
+    snap = load_sae(tmp_path / "long" / "snapshots" / "tokens-640.pt")
+    for name, value in short.state_dict().items():
+        torch.testing.assert_close(snap.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_a_run_longer_than_the_cache_reads_it_again(tmp_path):
+    p = config.from_dict({"data": {"train_tokens": 64_000}})
+    assert passes(p, None) == 1 and passes(p, 64_000) == 1
+    assert passes(p, 64_001) == 2 and passes(p, 256_000) == 4
+    assert passes(config.from_dict({"train": {"epochs": 2}}), 128_000) == 4

@@ -18,15 +18,28 @@ def sweep_entry(params: config.Params, run: str) -> config.Run:
     return params.sweep[run]
 
 
+def run_lens_method(params, run: str) -> str | None:
+    """The lens method of sweep entry ``run``: its ``lens_method``, else ``lens.method``.
+
+    None for a run without a lens.
+    """
+    entry = sweep_entry(params, run)
+    if not entry.lens:
+        return None
+    return entry.lens_method or params.lens.method
+
+
 def run_lens(params, run: str, out_dir: str | Path = ".", device: str | None = None):
     """``(lens, sha)`` of sweep entry ``run``, ``(None, None)`` for a run without a lens.
 
-    ``sha`` is a short hash of the lens weights, recorded in the run's config so that a retrained
-    lens never resumes a stale run.
+    The lens is the one of the entry's method (`run_lens_method`), from
+    ``<cache_dir>/lens/<model>/<method>``. ``sha`` is a short hash of the lens weights, recorded
+    in the run's config so that a retrained lens never resumes a stale run.
     """
-    if not sweep_entry(params, run).lens:
+    method = run_lens_method(params, run)
+    if method is None:
         return None, None
-    folder = paths.lens_path(params, out_dir)
+    folder = paths.lens_path(params, out_dir, method)
     lens = TunedLens.load(folder).to(device or params.base.device)
     return lens, hashlib.sha256((folder / "params.pt").read_bytes()).hexdigest()[:16]
 

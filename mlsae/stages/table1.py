@@ -50,7 +50,10 @@ def table1(runs: dict[str, dict], params):
     ``FVU`` is ours (per-dimension mean) and ``FVU (paper def.)`` the original code's (scalar
     variance, per batch; `mlsae.metrics`), both in the space the SAE reconstructs (lens space
     for a lens run), and both again in the raw residual space for lens runs. ``± SE``: standard
-    errors by bootstrap over held-out contexts (`mlsae.bootstrap`). Returns a pandas DataFrame.
+    errors by bootstrap over held-out contexts (`mlsae.bootstrap`). ``CE contexts`` and ``CE
+    stride``: the delta-CE design (context c patched at the layers l = c mod stride,
+    `mlsae.patching.stride_mask`), ``CE pairs`` the (context, layer) pairs patched. Every row is
+    a run's final SAE (the baseline run's included). Returns a pandas DataFrame.
     """
     rows = []
     for name, res in runs.items():
@@ -73,12 +76,16 @@ def table1(runs: dict[str, dict], params):
                 "FVU raw (paper def.)": mean.get(raw_key(mean, "fvu_paper"), nan),
                 "L1": mean["l1"],
                 "delta CE": mean.get("delta_ce", nan),
+                "delta CE (paper def.)": mean.get("delta_ce_paper", nan),
+                "delta CE (paper def.) SE": mean.get("delta_ce_paper_se", nan),
                 "delta CE SE": mean.get("delta_ce_se", nan),
                 "KL": mean.get("kl", nan),
                 "KL SE": mean.get("kl_se", nan),
                 "test tokens": res["n_tokens"],
                 "CE predictions": res["n_ce_tokens"],
                 "CE contexts": res.get("n_ce_contexts", nan),
+                "CE stride": res.get("ce_design", {}).get("stride", nan),
+                "CE pairs": res.get("ce_design", {}).get("pairs", nan),
                 "train tokens": res.get("tokens_trained", nan),
             }
         )

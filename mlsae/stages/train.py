@@ -23,17 +23,20 @@ from mlsae.stages.runs import run_lens, sweep_entry
 from mlsae.train import TrainConfig, train
 
 
-def train_config(params, run: str, layers: list[int] | None = None, lens_sha=None) -> TrainConfig:
+def train_config(
+    params, run: str, layers: list[int] | None = None, lens_sha=None, tokens: int | None = None
+) -> TrainConfig:
     """The `TrainConfig` of sweep entry ``run`` (on ``layers``; None: every layer).
 
-    Its ``run`` and ``train`` sections are params.yaml's own; the budget is the entry's
-    ``train_tokens`` (or ``data.train_tokens``) times ``train.epochs``.
+    Its ``run`` and ``train`` sections are params.yaml's own; the budget is ``tokens`` (default:
+    the entry's ``train_tokens``, or ``data.train_tokens``) times ``train.epochs``.
     """
     entry = sweep_entry(params, run)
+    tokens = tokens or entry.train_tokens or params.data.train_tokens
     return TrainConfig(
         run=entry,
         train=params.train,
-        max_tokens=(entry.train_tokens or params.data.train_tokens) * params.train.epochs,
+        max_tokens=tokens * params.train.epochs,
         layers=layers,
         seed=params.base.seed,
         device=params.base.device,
@@ -52,11 +55,13 @@ def training_source(
     model: HookedTransformer | None = None,
     layers: list[int] | None = None,
     device: str | None = None,
+    tokens: int | None = None,
 ) -> TrainingSource:
     """The `mlsae.sources.TrainingSource` that ``train.source`` names (``layers``: None = all).
 
     ``cache``: the training cache of stage 01 (a clear `ConfigError` when there is none).
-    ``stream``: the model run on the training documents (loaded here unless given).
+    ``stream``: the model run on the training documents (loaded here unless given). ``tokens``:
+    the run's budget per epoch (`passes`).
     """
     if params.train.source == "cache":
         path = paths.cache_paths(params, out_dir)["train"]
@@ -87,8 +92,19 @@ def training_source(
             autocast=getattr(torch, autocast) if on_gpu and autocast != "none" else None,
         )
     return TrainingSource(
-        chunks, params.train.shuffle_tokens, params.base.seed, epochs=params.train.epochs
+        chunks, params.train.shuffle_tokens, params.base.seed, epochs=passes(params, tokens)
     )
+
+
+def passes(params, tokens: int | None) -> int:
+    """Passes over the training data for a run of ``tokens`` (None: ``data.train_tokens``).
+
+    ``train.epochs`` times the passes the budget needs: a run longer than the training cache
+    (``sweep.<run>.train_tokens`` > ``data.train_tokens``) reads it again, each pass in another
+    seeded order, rather than stopping when the cache ends.
+    """
+    per_epoch = -(-(tokens or params.data.train_tokens) // params.data.train_tokens)
+    return params.train.epochs * per_epoch
 
 
 def train_mlsae(params: config.Params, run: str, out_dir: str | Path = ".", model=None) -> Path:
@@ -100,14 +116,17 @@ def train_mlsae(params: config.Params, run: str, out_dir: str | Path = ".", mode
     lens, lens_sha = run_lens(params, run, out_dir)
     cfg = train_config(params, run, lens_sha=lens_sha)
     folder = paths.run_dir(params, run, out_dir)
-    train(cfg, training_source(params, out_dir, model), folder, lens=lens)
+    tokens = sweep_entry(params, run).train_tokens
+    train(cfg, training_source(params, out_dir, model, tokens=tokens), folder, lens=lens)
     return folder
 
 
 def train_baselines(params: config.Params, out_dir: str | Path = ".", model=None) -> dict:
     """Single-layer SAEs at ``analysis.baseline_layers``; returns ``{layer: run folder}``.
 
-    Each has the size and budget of ``analysis.baseline_run`` but trains on one layer's vectors.
+    Each has the size of ``analysis.baseline_run`` and its budget at the comparison point
+    (``analysis.compare_tokens``, where the baseline run keeps a snapshot; else its own budget),
+    but trains on one layer's vectors.
 
     Each goes to ``<cache_dir>/baselines/layer-<L>`` (a persistent DVC output: an interrupted
     stage resumes, and a change to how they are evaluated or drawn never retrains them).
@@ -115,7 +134,8 @@ def train_baselines(params: config.Params, out_dir: str | Path = ".", model=None
     run, folders = params.analysis.baseline_run, {}
     for layer in params.analysis.baseline_layers:
         folder = paths.baselines_dir(params, out_dir) / f"layer-{layer}"
-        cfg = train_config(params, run, layers=[layer])
-        train(cfg, training_source(params, out_dir, model, layers=[layer]), folder)
+        tokens = config.compare_tokens(params)
+        cfg = train_config(params, run, layers=[layer], tokens=tokens)
+        train(cfg, training_source(params, out_dir, model, [layer], tokens=tokens), folder)
         folders[layer] = folder
     return folders
