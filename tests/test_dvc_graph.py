@@ -204,7 +204,7 @@ def undeclared(log: Path, deps: set[str], outs: set[str], root: Path) -> list[st
 @pytest.mark.slow
 def test_every_stage_reads_only_declared_deps_and_writes_only_declared_outs(repo):
     stages = stage_table(repo["root"])
-    assert len(stages) == 10 + 2 * (len(RUNS) + len(LENS_RUNS))
+    assert len(stages) == 11 + 2 * (len(RUNS) + len(LENS_RUNS))
     problems = {}
     for name, stage in stages.items():
         log = repo["trace"] / f"{stage['tag']}.log"

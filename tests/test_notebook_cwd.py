@@ -12,36 +12,45 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _table1_repo(root: Path) -> Path:
+    """A copy holding notebook 06, the committed run results, and params naming only those runs."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    made = {p.stem for p in (ROOT / "results" / "runs").glob("*.json")}
+    for section in ("sweep", "lens_sweep"):
+        params[section] = {n: r for n, r in params[section].items() if n in made}
+        for r in params[section].values():
+            r.pop("train_tokens", None)  # the committed runs: the data budget, no snapshots
+    (root / "notebooks").mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for rel in ("dvc.yaml", "notebooks/06_table1.ipynb"):
+        shutil.copy(ROOT / rel, root / rel)
+    shutil.copytree(ROOT / "results" / "runs", root / "results" / "runs")
+    return root
+
+
+def _papermill(notebook: str, out: Path, cwd: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "papermill", "--no-progress-bar", *args, notebook, str(out)]
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_table1_notebook_run_from_the_notebooks_folder_writes_what_its_stage_writes(tmp_path):
-    repo = tmp_path / "repo"
-    for rel in ("params.yaml", "dvc.yaml", "notebooks/06_table1.ipynb"):
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, repo / rel)
-    shutil.copytree(ROOT / "results" / "runs", repo / "results" / "runs")
-    out = tmp_path / "executed.ipynb"
-    subprocess.run(
-        [sys.executable, "-m", "papermill", "--no-progress-bar", "06_table1.ipynb", str(out)],
-        cwd=repo / "notebooks",
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    # the committed table was written by the DVC stage (papermill --cwd . from the root)
-    assert (repo / "figures" / "table1.csv").read_text() == (
-        ROOT / "figures" / "table1.csv"
-    ).read_text()
-    assert (repo / "figures" / "table1.md").read_text() == (
-        ROOT / "figures" / "table1.md"
-    ).read_text()
+    stage, opened = _table1_repo(tmp_path / "stage"), _table1_repo(tmp_path / "opened")
+    # as the DVC stage runs it (papermill --cwd . from the root), and as a user opens it
+    _papermill("notebooks/06_table1.ipynb", tmp_path / "a.ipynb", stage, "--cwd", ".")
+    _papermill("06_table1.ipynb", tmp_path / "b.ipynb", opened / "notebooks")
+    for name in ("table1.csv", "table1.md"):
+        written = (opened / "figures" / name).read_text()
+        assert written == (stage / "figures" / name).read_text() and "r8-k32" in written
     assert {"per_layer_metrics.png", "per_layer_metrics.pdf"} <= {
-        p.name for p in (repo / "figures").iterdir()
+        p.name for p in (opened / "figures").iterdir()
     }
-    assert sorted(p.name for p in (repo / "notebooks").iterdir()) == ["06_table1.ipynb"]
+    assert sorted(p.name for p in (opened / "notebooks").iterdir()) == ["06_table1.ipynb"]
 
 
 def test_setup_finds_the_repository_from_a_subfolder(tmp_path, monkeypatch):
