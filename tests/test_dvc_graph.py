@@ -374,7 +374,7 @@ def test_evaluation_and_figure_edits_make_no_cache_or_training_stage_stale(repo)
 
 
 def test_source_notebooks_have_no_outputs():
-    assert len(NOTEBOOKS) == 12
+    assert len(NOTEBOOKS) == 13
     for name in NOTEBOOKS:
         nb = json.loads((ROOT / "notebooks" / name).read_text())
         for cell in nb["cells"]:
