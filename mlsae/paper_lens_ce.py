@@ -41,7 +41,7 @@ from mlsae.activations import special_mask
 from mlsae.distributions import ROWS
 from mlsae.lens import TunedLens
 from mlsae.models import special_token_ids
-from mlsae.patching import patched_logits, prepare
+from mlsae.patching import patched_logits, prepare, selected_rows
 
 
 @torch.no_grad()
@@ -110,10 +110,9 @@ def delta_ce_paper(
     n_rows = scored.sum(-1).double().cpu()
     sums = {k: torch.zeros(n_layers, batch, dtype=torch.float64) for k in ("d", "shift", "n")}
     for layer in layers:
-        sel = torch.arange(batch) if rows is None else torch.as_tensor(rows(layer)).long().cpu()
+        sel, dev = selected_rows(rows, layer, batch, tokens.device)
         if not len(sel):
             continue
-        dev = sel.to(tokens.device)
         k = keep[dev]
         x = resid[layer][dev]
         y = lens.transform(x[k], layer)

@@ -51,6 +51,15 @@ def prepare(model: HookedTransformer, tokens, layers, resid, bf16: bool):
     return layers, tokens, resid, torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def selected_rows(rows, layer: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch rows a row selector patches at ``layer``: ``(on the CPU, on device)``.
+
+    All rows when ``rows`` is None.
+    """
+    sel = torch.arange(batch) if rows is None else torch.as_tensor(rows(layer)).long().cpu()
+    return sel, sel.to(device)
+
+
 Reconstructor = Callable[[torch.Tensor, int], torch.Tensor]
 """Maps ``(token, d)`` raw residual vectors of one layer to their raw-space reconstruction."""
 
@@ -129,10 +138,9 @@ def delta_ce_kl(
     scored = keep[:, :-1]
     n_rows = scored.sum(-1).double().cpu()
     for layer in layers:
-        sel = torch.arange(batch) if rows is None else torch.as_tensor(rows(layer)).long().cpu()
+        sel, dev = selected_rows(rows, layer, batch, tokens.device)
         if not len(sel):
             continue
-        dev = sel.to(tokens.device)
         sub_keep = keep[dev]
         patched = resid[layer][dev].clone()
         patched[sub_keep] = reconstruct(patched[sub_keep], layer).to(patched.dtype)
