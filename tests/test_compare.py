@@ -329,3 +329,14 @@ def test_sweep_differences_are_paired_on_the_per_context_tables(tmp_path):
     # without per-context tables: the unpaired comparison of the reported means
     old = sweep_differences(runs, {"R": ["a", "b"]})["R"]
     assert [r["paired"] for r in old] == [False, False] and old[0]["difference"] == 0.0
+
+
+def test_table1_stride_goes_to_the_baseline_run_and_the_analysed_lens_run_only(tmp_path):
+    from dataclasses import replace
+
+    from mlsae.stages.evaluate import ce_stride
+
+    params = _tiny_params(tmp_path)
+    assert ce_stride(params, "r1-k4") == 2  # no lens run analysed: a sweep run
+    params = replace(params, analysis=replace(params.analysis, lens_run="r1-k4"))
+    assert ce_stride(params, "r1-k4") == 1 and ce_stride(params, "r1-k4", snapshot=True) == 2

@@ -105,10 +105,10 @@ def paper_delta_ce(sae, lens, contexts: torch.Tensor, model, batch: int, stride:
 def ce_stride(params: config.Params, run: str, snapshot: bool = False) -> int:
     """The delta-CE stride of ``run`` (of its snapshot with ``snapshot``).
 
-    ``eval.ce_stride`` for a Table 1 SAE (the baseline run's final SAE, a lens run), else
-    ``eval.sweep_ce_stride`` (other sweep runs, every snapshot).
+    ``eval.ce_stride`` for a Table 1 SAE (the baseline run's final SAE, ``analysis.lens_run``),
+    else ``eval.sweep_ce_stride`` (other sweep runs, the other lenses' runs, every snapshot).
     """
-    table1 = not snapshot and (run == params.analysis.baseline_run or params.sweep[run].lens)
+    table1 = not snapshot and run in (params.analysis.baseline_run, params.analysis.lens_run)
     return params.eval.ce_stride if table1 else params.eval.sweep_ce_stride
 
 
