@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -340,3 +341,16 @@ def test_table1_stride_goes_to_the_baseline_run_and_the_analysed_lens_run_only(t
     assert ce_stride(params, "r1-k4") == 2  # no lens run analysed: a sweep run
     params = replace(params, analysis=replace(params.analysis, lens_run="r1-k4"))
     assert ce_stride(params, "r1-k4") == 1 and ce_stride(params, "r1-k4", snapshot=True) == 2
+
+
+def test_lens_sweep_groups_hold_the_default_lens_only():
+    from mlsae import config
+    from mlsae.stages.sweeps import sweep_groups
+
+    params = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    groups = sweep_groups(params)
+    # three lens runs (belrose, the default; ridge; regression), all at R = 8, k = 32: the
+    # other lenses' runs would otherwise be "R steps" of zero
+    assert len([e for e in params.sweep.values() if e.lens]) == 3
+    assert groups["R + lens"] == groups["k + lens"] == ["r8-k32-lens"]
+    assert groups["R"] == ["r2-k32", "r4-k32", "r8-k32"]

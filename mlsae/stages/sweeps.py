@@ -116,11 +116,14 @@ def sweep_groups(params) -> dict[str, list[str]]:
     """Sweep entries that vary R at the baseline run's k, and k at its R (lens and no lens).
 
     Every run belongs, whatever its budget: the baseline run is compared at its snapshot
-    (`compare_point`).
+    (`compare_point`). The lens groups hold the runs through the default lens (``lens.method``)
+    only: runs through other lenses differ in their lens, not in R or k.
     """
     ref = params.sweep[params.analysis.baseline_run]
     groups: dict[str, list[str]] = {}
     for name, entry in params.sweep.items():
+        if entry.lens and (entry.lens_method or params.lens.method) != params.lens.method:
+            continue  # the rule of mlsae.stages.runs.run_lens_method, without its imports
         suffix = " + lens" if entry.lens else ""
         if entry.k == ref.k:
             groups.setdefault(f"R{suffix}", []).append(name)
