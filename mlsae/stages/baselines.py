@@ -26,8 +26,9 @@ diagonal and the MLSAE row use all ``analysis.baseline_ce_contexts``."""
 def single_layer_baselines(params: config.Params, out_dir: str | Path = ".") -> dict:
     """Train layer x eval layer FVU, delta CE and KL of each single-layer SAE and the MLSAE.
 
-    The matrices have one row per single-layer SAE (train layer) and a last row for the final
-    MLSAE of ``analysis.baseline_run`` (the single-layer SAEs copy its budget in tokens), all
+    The matrices have one row per single-layer SAE (train layer) and a last row for the MLSAE
+    of ``analysis.baseline_run`` at the same training length (`mlsae.config.compare_tokens`: its
+    snapshot there when it trains longer, as the single-layer SAEs stop there), all
     evaluated on the same held-out tokens at each baseline layer: FVU on ``eval.eval_tokens``
     tokens of the test cache; delta CE and KL on the first ``analysis.baseline_ce_contexts``
     contexts for the diagonal and the MLSAE row, the first `OFF_DIAGONAL_CONTEXTS` of them off
@@ -41,7 +42,14 @@ def single_layer_baselines(params: config.Params, out_dir: str | Path = ".") -> 
     device = params.base.device
     folder = paths.baselines_dir(params, out_dir)
     saes = {ly: load_sae(folder / f"layer-{ly}" / "checkpoint.pt", device).eval() for ly in layers}
-    saes["mlsae"] = load_sae(paths.run_dir(params, run, out_dir) / "checkpoint.pt", device).eval()
+    at = config.compare_tokens(params)  # the single-layer SAEs' budget (stage train_baselines)
+    budget = params.sweep[run].train_tokens or params.data.train_tokens
+    mlsae_path = (
+        paths.snapshot_path(params, run, at, out_dir)
+        if at < budget
+        else paths.run_dir(params, run, out_dir) / "checkpoint.pt"
+    )
+    saes["mlsae"] = load_sae(mlsae_path, device).eval()
     test_cache = ActivationCache(paths.cache_paths(params, out_dir)["test"])
     fvu = fvu_sums(saes, test_cache, layers, params.eval.eval_tokens)
     tokens = test_cache.contexts()[: params.analysis.baseline_ce_contexts]
@@ -59,6 +67,7 @@ def single_layer_baselines(params: config.Params, out_dir: str | Path = ".") -> 
         "layers": layers,
         "rows": [f"single layer {ly}" for ly in layers] + [f"MLSAE {run}"],
         "run": run,
+        "tokens_trained": at,  # every SAE compared here, the MLSAE included
         "fvu": fvu["fvu"].tolist(),
         "delta_ce": ce["delta_ce"].tolist(),
         "kl": ce["kl"].tolist(),
