@@ -204,7 +204,7 @@ def undeclared(log: Path, deps: set[str], outs: set[str], root: Path) -> list[st
 @pytest.mark.slow
 def test_every_stage_reads_only_declared_deps_and_writes_only_declared_outs(repo):
     stages = stage_table(repo["root"])
-    assert len(stages) == 11 + 2 * (len(RUNS) + len(LENS_RUNS))
+    assert len(stages) == 12 + 2 * (len(RUNS) + len(LENS_RUNS))
     problems = {}
     for name, stage in stages.items():
         log = repo["trace"] / f"{stage['tag']}.log"
@@ -267,6 +267,7 @@ def test_executed_notebooks_show_figures_tables_and_explanations(repo):
         "latents_sweep_layer_std",
         "latents_by_tokens",
         "snapshots_fvu",
+        "verdicts_paired",
     ]:
         assert {f"{stem}.png", f"{stem}.pdf"} <= figures, stem
     for name in ("02_residual_drift", "05_evaluate_run_r2-k4", "09_latents_over_layers"):
@@ -282,6 +283,13 @@ def test_executed_notebooks_show_figures_tables_and_explanations(repo):
     assert all(isinstance(v, int | float) for v in metrics.values()) and "fvu" in metrics
     sweeps = json.loads((root / "results" / "sweeps.json").read_text())
     assert [r["run"] for r in sweeps["R"]] == ["r1-k4", "r2-k4"]
+    baselines = json.loads((root / "results" / "baselines.json").read_text())
+    assert baselines["tokens_trained"] == 512  # the MLSAE at the single-layer SAEs' length
+    verdicts = json.loads((root / "results" / "verdicts.json").read_text())["rows"]
+    assert {"figure1", "table1a", "sweep_R", "single_layer", "figure2"} <= {
+        r["key"] for r in verdicts
+    }
+    assert "| Figure 2 |" in (root / "figures" / "verdicts.md").read_text()
     assert (root / "figures" / "explorer" / "index.html").exists()
     assert (root / "figures" / "explorer" / "data" / "shard_0000.js").exists()
     table = (root / "figures" / "table1.md").read_text()
@@ -303,6 +311,7 @@ def test_exp_run_reruns_only_what_reads_the_change_and_exp_apply_restores_it(rep
         "table1",
         "sweeps",
         "latents_over_layers",
+        "verdicts",
     }, output
     assert "k6" in run([dvc, "exp", "show", "--no-pager", "--json"], root, env)
     # back to the committed state, then the experiment again: restored from the cache
@@ -374,7 +383,7 @@ def test_evaluation_and_figure_edits_make_no_cache_or_training_stage_stale(repo)
 
 
 def test_source_notebooks_have_no_outputs():
-    assert len(NOTEBOOKS) == 13
+    assert len(NOTEBOOKS) == 14
     for name in NOTEBOOKS:
         nb = json.loads((ROOT / "notebooks" / name).read_text())
         for cell in nb["cells"]:
