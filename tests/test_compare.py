@@ -344,13 +344,17 @@ def test_table1_stride_goes_to_the_baseline_run_and_the_analysed_lens_run_only(t
 
 
 def test_lens_sweep_groups_hold_the_default_lens_only():
+    import yaml
+
     from mlsae import config
     from mlsae.stages.sweeps import sweep_groups
 
-    params = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
-    groups = sweep_groups(params)
-    # three lens runs (belrose, the default; ridge; regression), all at R = 8, k = 32: the
-    # other lenses' runs would otherwise be "R steps" of zero
-    assert len([e for e in params.sweep.values() if e.lens]) == 3
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["lens_sweep"] |= {  # the other lenses' runs, as params.yaml's comment adds them
+        "r8-k32-lens-ridge": {"expansion_factor": 8, "k": 32, "lens_method": "ridge"},
+        "r8-k32-lens-regression": {"expansion_factor": 8, "k": 32, "lens_method": "regression"},
+    }
+    groups = sweep_groups(config.from_dict(raw))
+    # all three lens runs are at R = 8, k = 32: the other lenses' runs would be "R steps" of zero
     assert groups["R + lens"] == groups["k + lens"] == ["r8-k32-lens"]
     assert groups["R"] == ["r2-k32", "r4-k32", "r8-k32"]
