@@ -53,6 +53,12 @@ def figure2_row(lat: dict, run: str) -> dict:
     )
 
 
+def _prompt_text(mean_layers: float | None, pct: float | None) -> str:
+    if mean_layers is None or pct is None:
+        return "not measured"
+    return f"{mean_layers:.2f} ({pct:.0f}th pct. of the windows)"
+
+
 def figure3_row(lat: dict, run: str) -> dict:
     """Figure 3: one prompt shows far fewer layers per latent than the aggregate."""
     w = lat["runs"][run]["findings"]["windows"]
@@ -80,7 +86,7 @@ def figure3_row(lat: dict, run: str) -> dict:
         "for one prompt, far more latents are active at a single layer",
         f"{run}: layers per active latent in {w['n_windows']} random {w['n_tokens']}-token windows "
         f"{spread['q10']:.2f}-{spread['q90']:.2f} (10th-90th pct.) against {total:.2f} over the "
-        f"test set; the paper's prompt {prompt:.2f} ({pct:.0f}th pct. of the windows); active "
+        f"test set; the paper's prompt {_prompt_text(prompt, pct)}; active "
         f"(token, latent) pairs at one layer only: {single:.3f}",
         "the windows' distribution (a reference distribution, not a difference test)",
         None,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mlsae import config, paths
 from mlsae.verdict_rules import by_tokens, depends, interval_verdict, row, steps_verdict
@@ -14,6 +15,16 @@ from mlsae.verdicts_latents import activity_row, figure2_row, figure3_row, varia
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = config.load(ROOT / "params.yaml")
+
+
+def three_lenses():
+    """params.yaml with the other lenses' runs that its comment lists."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["lens_sweep"] |= {
+        f"r8-k32-lens-{m}": {"expansion_factor": 8, "k": 32, "lens_method": m}
+        for m in ("ridge", "regression")
+    }
+    return config.from_dict(raw)
 
 
 def step(a, b, metric, verdict, diff=-0.01, se=0.002):
@@ -128,7 +139,7 @@ def test_lens_rows_need_both_drops_and_name_each_method():
             ]
         },
     }
-    rows = {r["method"]: r for r in lens_rows(DEFAULT, data)}
+    rows = {r["method"]: r for r in lens_rows(three_lenses(), data)}
     assert rows["belrose"]["verdict"] == "reproduced"
     assert rows["ridge"]["verdict"] == "partly"
     assert rows["regression"]["verdict"] == "partly"
@@ -232,3 +243,10 @@ def test_write_skips_missing_results_and_renders_the_table(tmp_path):
         )
         == []
     )
+
+
+def test_figure3_without_the_prompt_is_not_typical():
+    lat = _latents()
+    lat["runs"]["r8-k32"]["findings"]["windows"] |= {"prompt": None, "prompt_percentile": None}
+    r = figure3_row(lat, "r8-k32")
+    assert r["verdict"] == "partly" and "prompt not measured" in r["measured"]
