@@ -62,6 +62,11 @@ def load(params, out_dir: str | Path = ".") -> dict:
     }
 
 
+def _count(n) -> int:
+    """A token count saved as a number or a one-element list (``results/drift.json``)."""
+    return int(n[0] if isinstance(n, list) else n)
+
+
 def drift_row(drift: dict) -> dict:
     """Figure 1: adjacent-layer cosine similarity (descriptive)."""
     raw = sum(drift["cosine"]) / len(drift["cosine"])
@@ -72,7 +77,7 @@ def drift_row(drift: dict) -> dict:
         "Figure 1",
         "adjacent-layer cosine similarity is high and grows with model size",
         f"mean adjacent-layer cosine {raw:.3f} raw, {centred:.3f} mean-centred "
-        f"({drift['n_tokens']} test tokens)",
+        f"({_count(drift['n_tokens']):,} test tokens)",
         "none (descriptive; one model)",
         None,
         "high: mean-centred mean >= 0.8; growth with size needs several models",
@@ -91,7 +96,7 @@ def table1a_row(run: dict, name: str) -> dict:
         f"{name}: FVU (paper's def.) {m['fvu_paper']:.3f}, L1 {m['l1']:.1f}, delta CE "
         f"{m['delta_ce']:.3f} ± {m['delta_ce_se']:.3f} after {run['tokens_trained']:,} tokens",
         "none (another model, corpus, R and token budget)",
-        m["delta_ce_se"],
+        None,
         "not comparable while model, corpus, R or budget differ",
         "not comparable",
         {k: m.get(k) for k in ("fvu", "fvu_se", "fvu_paper", "l1", "delta_ce", "delta_ce_se", "kl")}
@@ -181,7 +186,7 @@ def sweep_rows(data: dict) -> list[dict]:
 
 def baselines_row(res: dict) -> dict:
     """Appendix B: the MLSAE against single-layer SAEs of its size and budget, per layer."""
-    rows = res["paired"]
+    rows = [r | {"from": f"single layer {r['layer']}", "to": "MLSAE"} for r in res["paired"]]
     worse = [r for r in rows if r["verdict"] == "b higher"]
     verdict = (
         "reproduced" if not worse else "not reproduced" if len(worse) == len(rows) else "partly"

@@ -104,6 +104,7 @@ def test_baselines_row_reads_b_higher_as_the_mlsae_worse():
         step("s", "m", "fvu", "no detectable difference") | {"layer": 10},
     ]
     assert baselines_row({"paired": rows})["verdict"] == "partly"
+    assert baselines_row({"paired": rows})["paired"][0]["from"] == "single layer 0"
     assert baselines_row({"paired": rows[1:]})["verdict"] == "reproduced"
     assert baselines_row({"paired": rows[:1]})["verdict"] == "not reproduced"
 
