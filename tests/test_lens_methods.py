@@ -229,13 +229,15 @@ def test_ridge_lens_keeps_the_lambda_of_lowest_heldout_kl(tiny_model, tmp_path):
 
 # -- config and paths ------------------------------------------------------------------------------
 def test_lens_methods_in_params_and_paths():
-    p = config.load(paths.repo_root() / "params.yaml")
+    raw = yaml.safe_load((paths.repo_root() / "params.yaml").read_text())
+    # the ridge lens run, as params.yaml's commented lens_sweep block adds it
+    raw["lens_sweep"]["r8-k32-lens-ridge"] = {"expansion_factor": 8, "k": 32, "lens_method": "ridge"}
+    p = config.from_dict(raw)
     assert run_lens_method(p, "r8-k32-lens") == p.lens.method
     assert run_lens_method(p, "r8-k32-lens-ridge") == "ridge"
     assert run_lens_method(p, "r8-k32") is None
     assert paths.lens_path(p).parts[-2:] == (p.base.model, p.lens.method)
     assert paths.lens_path(p, ".", "ridge").name == "ridge"
-    raw = yaml.safe_load((paths.repo_root() / "params.yaml").read_text())
     raw["lens"]["methods"] = ["belrose"]
     with pytest.raises(config.ConfigError, match="lens_method 'ridge': no such lens is made"):
         config.from_dict(raw)
