@@ -231,7 +231,8 @@ def test_ridge_lens_keeps_the_lambda_of_lowest_heldout_kl(tiny_model, tmp_path):
 def test_lens_methods_in_params_and_paths():
     raw = yaml.safe_load((paths.repo_root() / "params.yaml").read_text())
     # the ridge lens run, as params.yaml's commented lens_sweep block adds it
-    raw["lens_sweep"]["r8-k32-lens-ridge"] = {"expansion_factor": 8, "k": 32, "lens_method": "ridge"}
+    ridge = {"expansion_factor": 8, "k": 32, "lens_method": "ridge"}
+    raw["lens_sweep"]["r8-k32-lens-ridge"] = ridge
     p = config.from_dict(raw)
     assert run_lens_method(p, "r8-k32-lens") == p.lens.method
     assert run_lens_method(p, "r8-k32-lens-ridge") == "ridge"
