@@ -339,6 +339,15 @@ def validate(
             f"analysis.baseline_run {p.analysis.baseline_run!r} is not a sweep entry "
             f"({', '.join(p.sweep)})."
         )
+    base = p.sweep[p.analysis.baseline_run]
+    budget = base.train_tokens or p.data.train_tokens
+    at = p.analysis.compare_tokens
+    if at is not None and at < budget and at not in p.train.snapshot_tokens:
+        raise ConfigError(
+            f"analysis.compare_tokens {at} is below {p.analysis.baseline_run}'s budget of "
+            f"{budget} tokens but not one of train.snapshot_tokens {list(p.train.snapshot_tokens)}"
+            ": no SAE would be kept at that length to compare with; add it there."
+        )
     lens_run = p.analysis.lens_run
     if lens_run is not None and not (lens_run in p.sweep and p.sweep[lens_run].lens):
         runs = [name for name, run in p.sweep.items() if run.lens]

@@ -184,3 +184,21 @@ def test_paper_preset_as_dvc_overrides_turns_params_yaml_into_params_paper_yaml(
     assert applied == config.load(ROOT / "params-paper.yaml")
     assert applied.base.model == "EleutherAI/pythia-70m-deduped"
     assert applied.sweep["r64-k32-lens"].lens and applied != config.load(ROOT / "params.yaml")
+
+
+def test_compare_tokens_below_the_budget_must_be_a_snapshot():
+    raw = base()
+    raw["train"]["snapshot_tokens"] = [16000, 32000]  # r8-k32 trains to 256k, compares at 64k
+    with pytest.raises(ConfigError, match=r"analysis.compare_tokens 64000 is below r8-k32's"):
+        config.from_dict(raw)
+    raw["analysis"]["compare_tokens"] = 512000  # past the budget: the final SAE compares
+    assert config.compare_tokens(config.from_dict(raw)) == 256000
+
+
+def test_paper_preset_compares_final_saes():
+    from mlsae.stages.sweeps import compare_point
+
+    p = config.load(ROOT / "params-paper.yaml")  # 1B tokens per run, no longer baseline run
+    assert config.compare_tokens(p) == p.data.train_tokens
+    assert compare_point(p, p.analysis.baseline_run) == p.analysis.baseline_run
+    assert compare_point(config.load(ROOT / "params.yaml"), "r8-k32") == "r8-k32@64000"

@@ -29,15 +29,15 @@ METRICS = ("fvu_raw", "delta_ce", "kl")
 def compare_point(params: config.Params, run: str) -> str:
     """The result name (`mlsae.paths.snapshot_name`) that stands for ``run`` in comparisons.
 
-    The baseline run's snapshot at ``analysis.compare_tokens`` when that is one of
-    ``train.snapshot_tokens`` below its budget; otherwise (every other run) the final SAE.
+    The baseline run's snapshot at `mlsae.config.compare_tokens` when that is below its budget
+    (`mlsae.config.validate` makes it one of ``train.snapshot_tokens``); otherwise (and for
+    every other run) the final SAE.
     """
-    tokens, entry = params.analysis.compare_tokens, params.sweep[run]
+    if run != params.analysis.baseline_run:
+        return run
+    tokens, entry = config.compare_tokens(params), params.sweep[run]
     budget = entry.train_tokens or params.data.train_tokens
-    snap = tokens is not None and tokens < budget and tokens in params.train.snapshot_tokens
-    if run == params.analysis.baseline_run and snap:
-        return paths.snapshot_name(run, tokens)
-    return run
+    return paths.snapshot_name(run, tokens) if tokens < budget else run
 
 
 def load_points(params: config.Params, out_dir: str | Path = ".") -> dict[str, dict]:
