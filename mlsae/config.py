@@ -339,13 +339,12 @@ def validate(
             f"analysis.baseline_run {p.analysis.baseline_run!r} is not a sweep entry "
             f"({', '.join(p.sweep)})."
         )
-    base = p.sweep[p.analysis.baseline_run]
-    budget = base.train_tokens or p.data.train_tokens
-    at = p.analysis.compare_tokens
-    if at is not None and at < budget and at not in p.train.snapshot_tokens:
+    at = baseline_snapshot(p)
+    if at is not None and at not in p.train.snapshot_tokens:
         raise ConfigError(
             f"analysis.compare_tokens {at} is below {p.analysis.baseline_run}'s budget of "
-            f"{budget} tokens but not one of train.snapshot_tokens {list(p.train.snapshot_tokens)}"
+            f"{baseline_budget(p)} tokens but not one of train.snapshot_tokens "
+            f"{list(p.train.snapshot_tokens)}"
             ": no SAE would be kept at that length to compare with; add it there."
         )
     lens_run = p.analysis.lens_run
@@ -392,16 +391,27 @@ def validate(
                 )
 
 
+def baseline_budget(params: Params) -> int:
+    """Training tokens of ``analysis.baseline_run`` (its ``train_tokens``, else the common one)."""
+    return params.sweep[params.analysis.baseline_run].train_tokens or params.data.train_tokens
+
+
+def baseline_snapshot(params: Params) -> int | None:
+    """``analysis.compare_tokens`` when the baseline run trains past it, else None.
+
+    The baseline run then keeps a snapshot there (`validate` makes it one of
+    ``train.snapshot_tokens``; `mlsae.paths.snapshot_path`), which stands for it in comparisons.
+    """
+    at = params.analysis.compare_tokens
+    return at if at is not None and at < baseline_budget(params) else None
+
+
 def compare_tokens(params: Params) -> int:
     """Training length at which the baseline run is compared with the other runs and baselines.
 
-    ``analysis.compare_tokens`` when the baseline run trains past it (it keeps a snapshot
-    there, `mlsae.paths.snapshot_path`), else the baseline run's own budget.
+    Its snapshot's length (`baseline_snapshot`), else the baseline run's own budget.
     """
-    entry = params.sweep[params.analysis.baseline_run]
-    budget = entry.train_tokens or params.data.train_tokens
-    at = params.analysis.compare_tokens
-    return at if at is not None and at < budget else budget
+    return baseline_snapshot(params) or baseline_budget(params)
 
 
 def as_dict(p: Params) -> dict:

@@ -43,10 +43,9 @@ def single_layer_baselines(params: config.Params, out_dir: str | Path = ".") -> 
     folder = paths.baselines_dir(params, out_dir)
     saes = {ly: load_sae(folder / f"layer-{ly}" / "checkpoint.pt", device).eval() for ly in layers}
     at = config.compare_tokens(params)  # the single-layer SAEs' budget (stage train_baselines)
-    budget = params.sweep[run].train_tokens or params.data.train_tokens
     mlsae_path = (
         paths.snapshot_path(params, run, at, out_dir)
-        if at < budget
+        if config.baseline_snapshot(params)
         else paths.run_dir(params, run, out_dir) / "checkpoint.pt"
     )
     saes["mlsae"] = load_sae(mlsae_path, device).eval()

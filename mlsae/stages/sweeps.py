@@ -33,11 +33,8 @@ def compare_point(params: config.Params, run: str) -> str:
     (`mlsae.config.validate` makes it one of ``train.snapshot_tokens``); otherwise (and for
     every other run) the final SAE.
     """
-    if run != params.analysis.baseline_run:
-        return run
-    tokens, entry = config.compare_tokens(params), params.sweep[run]
-    budget = entry.train_tokens or params.data.train_tokens
-    return paths.snapshot_name(run, tokens) if tokens < budget else run
+    at = config.baseline_snapshot(params)
+    return paths.snapshot_name(run, at) if run == params.analysis.baseline_run and at else run
 
 
 def load_points(params: config.Params, out_dir: str | Path = ".") -> dict[str, dict]:
