@@ -86,6 +86,16 @@ def export_layers_command(args: argparse.Namespace) -> None:
     print(f"{len(views)} SAELens views of {args.run} in {folder}")
 
 
+def readme_command(args: argparse.Namespace) -> None:
+    """Rewrite (--check: compare) the README's catalogue from results/ (`mlsae.readme_catalogue`)."""
+    from mlsae import readme_catalogue
+
+    fresh = readme_catalogue.write(args.params, args.root, check=args.check)
+    if args.check and not fresh:
+        raise SystemExit("README.md: the catalogue differs from results/ (python -m mlsae readme)")
+    print("README.md: catalogue " + ("up to date" if fresh else "rewritten from results/"))
+
+
 def deps_command(args: argparse.Namespace) -> None:
     """Print each stage's mlsae/ deps (its notebook's imports); --write: into dvc.yaml."""
     if args.write:
@@ -135,6 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--root", default=".", help="the repository")
     d.add_argument("--write", action="store_true", help="rewrite them in dvc.yaml")
     d.set_defaults(func=deps_command)
+    r = commands.add_parser("readme", help="the README's catalogue, generated from results/")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--root", default=".", help="the repository")
+    r.add_argument("--check", action="store_true", help="fail if the README differs")
+    r.set_defaults(func=readme_command)
     t = commands.add_parser("plots-template", help="dvc plots HTML template that works offline")
     t.add_argument("path", nargs="?", default="dvc_plots/offline_template.html")
     t.set_defaults(func=plots_template_command)
