@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mlsae import config, paths, saelens, stagedeps
+from mlsae import config, paths, readme_catalogue, saelens, stagedeps
 from mlsae.activations import ActivationCache
 from mlsae.dvcplots import offline_template
 from mlsae.presets import preset_arguments
@@ -87,9 +87,7 @@ def export_layers_command(args: argparse.Namespace) -> None:
 
 
 def readme_command(args: argparse.Namespace) -> None:
-    """Rewrite (--check: compare) the README's catalogue from results/ (`mlsae.readme_catalogue`)."""
-    from mlsae import readme_catalogue
-
+    """Rewrite (--check: compare) the README's catalogue from results/ (`readme_catalogue`)."""
     fresh = readme_catalogue.write(args.params, args.root, check=args.check)
     if args.check and not fresh:
         raise SystemExit("README.md: the catalogue differs from results/ (python -m mlsae readme)")
