@@ -49,14 +49,21 @@ def test_catalogue_rounds_and_labels_hand_built_results(tmp_path):
     design = {"contexts": 4, "pairs": 40}
     _write(tmp_path / "results/runs/a.json",
            {"mean": mean, "tokens_trained": 1000, "space": "raw", "ce_design": design})  # fmt: skip
-    lens = mean | {"fvu_raw": 0.678, "fvu_raw_se": 0.004, "fvu_paper_raw": 0.3, "delta_ce_paper": 0.2}
-    _write(tmp_path / "results/runs/a-lens.json",
-           {"mean": lens, "tokens_trained": 1000, "space": "lens", "ce_design": design})  # fmt: skip
+    lens = mean | {
+        "fvu_raw": 0.678,
+        "fvu_raw_se": 0.004,
+        "fvu_paper_raw": 0.3,
+        "delta_ce_paper": 0.2,
+    }
+    lens_run = {"mean": lens, "tokens_trained": 1000, "space": "lens", "ce_design": design}
+    _write(tmp_path / "results/runs/a-lens.json", lens_run)
     row = {"key": "table1b_belrose", "paper": "Table 1b", "claim": "c", "measured": "m | n",
            "test": "t", "power": 0.01234, "rule": "r", "verdict": "partly"}  # fmt: skip
     _write(tmp_path / "results/verdicts.json", {"rows": [row], "source": "m on c"})
     text = readme_catalogue.catalogue(_params(tmp_path), tmp_path)
-    assert "| a | 1,000 | raw | 0.123 ± 0.001 | 0.056 | 12.3 | 0.457 ± 0.029 | 0.500 ± 0.030 |" in text
+    assert (
+        "| a | 1,000 | raw | 0.123 ± 0.001 | 0.056 | 12.3 | 0.457 ± 0.029 | 0.500 ± 0.030 |" in text
+    )
     assert "| a-lens | 1,000 | raw | 0.678 ± 0.004 | 0.300 |" in text
     assert "| 0.200 | 4 (40) |" in text  # the original's lens-perturbed delta CE
     assert "| m / n | t (power 0.0123); rule: r | **partly** | partly |" in text  # pipes escaped
