@@ -47,7 +47,8 @@ from mlsae.writers import write_json
 __all__ = ["VERDICTS", "load", "markdown", "verdicts", "write"]
 
 
-def _read(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A result file's JSON, None where it is missing."""
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -56,8 +57,8 @@ def load(params, out_dir: str | Path = ".") -> dict:
     base = params.analysis.baseline_run
     names = [compare_point(params, base), *params.sweep]
     files = ("drift", "lens_kl", "sweeps", "baselines", "latents")
-    return {f: _read(paths.results(out_dir, f"{f}.json")) for f in files} | {
-        "runs": {n: _read(paths.run_result_path(out_dir, n)) for n in names},
+    return {f: read_json(paths.results(out_dir, f"{f}.json")) for f in files} | {
+        "runs": {n: read_json(paths.run_result_path(out_dir, n)) for n in names},
         "compare_point": compare_point(params, base),
     }
 
