@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mlsae import config, paths, readme_catalogue, saelens, stagedeps
+from mlsae import config, hub_import, imported, paths, readme_catalogue, saelens, stagedeps
 from mlsae.activations import ActivationCache
 from mlsae.dvcplots import offline_template
 from mlsae.presets import preset_arguments
@@ -104,6 +104,39 @@ def deps_command(args: argparse.Namespace) -> None:
         print(f"{stage}: {' '.join(files)}")
 
 
+def import_hub_command(args: argparse.Namespace) -> None:
+    """Read a published MLSAE (and, with --dists, its -dists statistics) into our formats."""
+    out = Path(args.out)
+    if args.dists:
+        stats, info = hub_import.read_dists(args.source)
+        out.mkdir(parents=True, exist_ok=True)
+        stats.save(out / "latent_stats.pt")
+        print(
+            f"{out / 'latent_stats.pt'}: {info['n_layers']} layers x {info['n_latents']} latents; "
+            f"layer_std recomputed within {info['layer_std_max_abs_diff']:.2e} of the dataset's"
+        )
+        return
+    sae, info = hub_import.import_mlsae(args.source)
+    path = imported.save_imported(sae, info, out)
+    lo, hi = info["decoder_norm_range"]
+    print(
+        f"{path}: d={sae.d_model}, n={sae.n_latents}, k={sae.k} from {info['source']} "
+        f"(keys{' under autoencoder.' if info['tfm'] else ''}; decoder norms {lo:.6f}-{hi:.6f}, "
+        f"kept as stored){'; reads tuned-lens residuals' if info['lens'] else ''}"
+    )
+
+
+def evaluate_imported_command(args: argparse.Namespace) -> None:
+    """Our held-out metrics of an imported SAE on the model and test cache of ``--params``."""
+    params = config.load(args.params)
+    result = imported.evaluate_imported(params, args.checkpoint, args.root, args.out)
+    m = {k: float("nan") for k in ("delta_ce", "delta_ce_se")} | result["mean"]
+    print(
+        f"{args.out}: FVU {m['fvu']:.4f} (paper's definition {m['fvu_paper']:.4f}), "
+        f"delta CE {m['delta_ce']:.4f} +- {m['delta_ce_se']:.4f}"
+    )
+
+
 def plots_template_command(args: argparse.Namespace) -> None:
     """Write the offline template for ``dvc plots show --html-template``."""
     print(offline_template(args.path))
@@ -148,6 +181,21 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--root", default=".", help="the repository")
     r.add_argument("--check", action="store_true", help="fail if the README differs")
     r.set_defaults(func=readme_command)
+    h = commands.add_parser(
+        "import-hub", help="an MLSAE published by the paper's authors, into our checkpoint format"
+    )
+    h.add_argument("source", help="hub repo id (tim-lawson/mlsae-...) or a local folder")
+    h.add_argument("--out", required=True, help="folder for checkpoint.pt (or latent_stats.pt)")
+    h.add_argument("--dists", action="store_true", help="source is a -dists dataset")
+    h.set_defaults(func=import_hub_command)
+    ei = commands.add_parser(
+        "evaluate-imported", help="our metrics of an imported SAE (import-hub) on held-out text"
+    )
+    ei.add_argument("checkpoint", help="checkpoint.pt written by import-hub")
+    ei.add_argument("--params", default="params.yaml", help="the model, test cache and eval")
+    ei.add_argument("--root", default=".", help="root of cache/")
+    ei.add_argument("--out", required=True, help="JSON file for the result")
+    ei.set_defaults(func=evaluate_imported_command)
     t = commands.add_parser("plots-template", help="dvc plots HTML template that works offline")
     t.add_argument("path", nargs="?", default="dvc_plots/offline_template.html")
     t.set_defaults(func=plots_template_command)

@@ -5,7 +5,13 @@ An MLSAE maps onto SAELens's inference ``topk`` architecture exactly:
 * our per-vector standardization is SAELens's ``normalize_activations: "layer_norm"`` (mean and
   unbiased std over d_model, divide by ``std + 1e-5``, undone after the decoder);
 * ``b_pre`` is ``b_dec`` with ``apply_b_dec_to_input: true``; there is no encoder bias, so ``b_enc``
-  is zero; ``W_enc`` is stored transposed, ``(d_in, d_sae)``.
+  is zero; ``W_enc`` is stored transposed, ``(d_in, d_sae)``;
+* ``rescale_acts_by_decoder_norm: true``. SAELens then selects the top k of ``pre_i * ||W_dec_i||``
+  and decodes ``act_i / ||W_dec_i||``; our decoder rows are unit-norm (renormalised after every
+  step), so that is our selection and decode within float rounding. It is what makes SAELens's
+  ``fold_W_dec_norm`` valid for a TopK SAE (it raises ``NotImplementedError`` otherwise), and
+  sae-dashboard calls it before every run. An SAE whose rows are not unit-norm (more than
+  `UNIT_NORM_TOL` off) is exported with ``false``, which is exact for any norms.
 
 SAELens keys an SAE by one ``hook_name``; an MLSAE reads every layer, so the metadata's
 ``hook_name`` is the first hook and ``hook_names`` lists all of them (SAELens keeps extra
@@ -25,6 +31,14 @@ from mlsae.sae import MLSAE
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 EXTRA_FILE = "mlsae.json"
+UNIT_NORM_TOL = 1e-5
+"""Largest ``| ||W_dec_i|| - 1 |`` for which an export declares ``rescale_acts_by_decoder_norm``."""
+
+
+def unit_norm_decoder(sae: MLSAE) -> bool:
+    """Whether every decoder row has norm 1 within `UNIT_NORM_TOL`."""
+    norms = sae.W_dec.detach().double().norm(dim=-1)
+    return bool(((norms - 1).abs() <= UNIT_NORM_TOL).all())
 
 
 def save(
@@ -51,7 +65,7 @@ def save(
         "apply_b_dec_to_input": True,
         "normalize_activations": "layer_norm",
         "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
+        "rescale_acts_by_decoder_norm": unit_norm_decoder(sae),
         "metadata": {
             "model_name": model_name,
             "hook_name": hook_names[0],
@@ -101,9 +115,15 @@ def load(path: str | Path) -> MLSAE:
     config = extra.get("sae_config", {"d_model": cfg["d_in"], "n_latents": cfg["d_sae"]})
     config["k"] = cfg["k"]
     sae = MLSAE(**config)
+    w_enc, w_dec = state["W_enc"].T, state["W_dec"]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens's rescaled SAE equals the plain one with each latent's norm folded in
+        norms = w_dec.norm(dim=-1, keepdim=True)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_TOL, rtol=0):
+            w_enc, w_dec = w_enc * norms, w_dec / norms
     with torch.no_grad():
-        sae.W_enc.copy_(state["W_enc"].T)
-        sae.W_dec.copy_(state["W_dec"])
+        sae.W_enc.copy_(w_enc)
+        sae.W_dec.copy_(w_dec)
         sae.b_pre.copy_(state["b_dec"])
         sae.b_pre_initialized.fill_(True)
         if "tokens_since_fired" in extra:

@@ -101,3 +101,55 @@ def test_views_spliced_by_sae_lens_reproduce_our_delta_ce_per_layer(smollm2, tmp
             mine = (ours["delta_ce"][layer] / ours["n"]).item()
             assert abs(theirs) > 0.01  # the splice changes the model's predictions
             assert abs(theirs - mine) < 1e-3, (layer, theirs, mine)
+
+
+def test_export_allows_fold_w_dec_norm_with_the_same_outputs(tmp_path):
+    """sae-dashboard calls fold_W_dec_norm first; SAELens refuses it for TopK SAEs unless
+    rescale_acts_by_decoder_norm, which our unit-norm decoders allow within float rounding."""
+    torch.manual_seed(2)
+    sae = MLSAE(24, 96, 8)
+    with torch.no_grad():
+        sae.b_pre.normal_()
+        sae.W_enc.normal_()
+    sae.eval()
+    saelens.save(sae, tmp_path / "sae", "smollm2-135m", ["blocks.0.hook_resid_post"])
+    theirs = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert theirs.cfg.rescale_acts_by_decoder_norm is True
+    x = torch.randn(2, 50, 24) * 3 + 1
+    ours = sae(x)
+    dense_ours = sae.dense_latents(ours.values, ours.indices)
+    theirs.fold_W_dec_norm()  # raises NotImplementedError with rescale_acts_by_decoder_norm false
+    torch.testing.assert_close(theirs.encode(x), dense_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours.recons, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_non_unit_decoder_stays_exact(tmp_path):
+    torch.manual_seed(3)
+    sae = MLSAE(24, 96, 8)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)  # rows far from unit norm
+    sae.eval()
+    saelens.save(sae, tmp_path / "sae", "m", ["blocks.0.hook_resid_post"])
+    theirs = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert theirs.cfg.rescale_acts_by_decoder_norm is False
+    x = torch.randn(2, 50, 24) * 3 + 1
+    torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x).recons, rtol=1e-5, atol=1e-5)
+
+
+def test_load_reads_a_rescaled_sae_lens_topk_sae_exactly(tmp_path):
+    """A SAELens TopK SAE with rescale_acts_by_decoder_norm and non-unit rows: our load folds
+    the norms in (selection by pre * norm, decode by act / norm), so the outputs agree."""
+    torch.manual_seed(4)
+    sae = MLSAE(24, 96, 8)
+    sae.eval()
+    saelens.save(sae, tmp_path / "sae", "m", ["blocks.0.hook_resid_post"])
+    theirs = SAE.load_from_disk(str(tmp_path / "sae"))
+    with torch.no_grad():
+        theirs.W_dec.mul_(torch.rand(96, 1) + 0.5)
+        theirs.b_dec.normal_()
+    theirs.save_model(str(tmp_path / "rescaled"))
+    back = saelens.load(tmp_path / "rescaled")
+    x = torch.randn(2, 50, 24) * 3 + 1
+    torch.testing.assert_close(
+        back(x).recons, theirs.decode(theirs.encode(x)), rtol=1e-5, atol=1e-5
+    )
