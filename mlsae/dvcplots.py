@@ -19,6 +19,9 @@ LIBRARIES = {  # npm package -> its browser build (the versions dvc-render's pag
     "vega@5.20.2": "package/build/vega.min.js",
     "vega-lite@5.2.0": "package/build/vega-lite.min.js",
     "vega-embed@6.18.2": "package/build/vega-embed.min.js",
+    # what sae-dashboard's pages load from CDNs (d3 v6; plotly-latest is frozen at 1.58.5)
+    "d3@6.7.0": "package/dist/d3.min.js",
+    "plotly.js-dist-min@1.58.5": "package/plotly.min.js",
 }
 
 
@@ -30,7 +33,7 @@ def _cache() -> Path:
 
 def library(spec: str) -> str:
     """The minified browser build of an npm package ``name@version`` (downloaded once, cached)."""
-    name, version = spec.split("@")
+    name, version = spec.rsplit("@", 1)
     tgz = _cache() / f"{name}-{version}.tgz"
     if not tgz.exists():
         with tempfile.TemporaryDirectory() as tmp:
