@@ -27,7 +27,7 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium \
 	  || { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium; }; }
 
-test: setup browser
+test: setup browser clients
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -199,6 +199,48 @@ def run_core(model, sae, layer: int, contexts: torch.Tensor, patched: list[int])
     return metrics
 
 
+def cache_check(
+    model, sae, layer: int, contexts: torch.Tensor, test_cache: Path, eval_tokens: int
+) -> dict:
+    """Our FVU on the test cache's float16 residuals, which our pipeline evaluates.
+
+    Beside it, how far those residuals are from this environment's forward of the same tokens
+    (which SAEBench evaluates): the relative Frobenius norm of the difference; our FVU on the
+    first ``eval_tokens`` of them, the set our pipeline's FVU is taken over (``eval.eval_tokens``);
+    and the share of the centred total that the single largest token carries (SmolLM2 has tokens
+    with massive activations in its middle layers, and one of them moves the FVU by itself).
+    """
+    meta = json.loads((test_cache / "meta.json").read_text())
+    cached = np.concatenate(
+        [np.load(test_cache / f"{s}.npy", mmap_mode="r")[layer] for s in meta["shards"]]
+    )
+    tokens = np.concatenate([np.load(test_cache / f"{s}.tokens.npy") for s in meta["shards"]])
+    ignore = torch.tensor(sorted(special_ids(model.tokenizer)))
+    keep = ~torch.isin(contexts, ignore)
+    if not np.array_equal(tokens, contexts[keep].numpy()):
+        raise RuntimeError("the test cache's tokens are not contexts.npy's non-special tokens")
+    hook = sae.cfg.metadata.hook_name
+    with torch.no_grad():
+        _, cache = model.run_with_cache(contexts, names_filter=[hook], stop_at_layer=layer + 1)
+        x = cache[hook][keep]
+        x16 = torch.from_numpy(np.asarray(cached, dtype=np.float32))
+        x_hat = sae.decode(sae.encode(x16))
+    on_cache = fvu_check(x16, x_hat)
+    first = fvu_check(x16[:eval_tokens], x_hat[:eval_tokens])
+    rel = float((x.double() - x16.double()).norm() / x.double().norm())
+    centred = (x16.double() - x16.double().mean(0)).pow(2).sum(-1)
+    return {
+        "ours_on_cache": on_cache["ours"],
+        "cache_relative_difference": rel,
+        "ours_first_eval_tokens": first["ours"],
+        "eval_tokens": eval_tokens,
+        "largest_token_share": float(centred.max() / centred.sum()),
+        "largest_token_share_first_eval_tokens": float(
+            centred[:eval_tokens].max() / centred[:eval_tokens].sum()
+        ),
+    }
+
+
 def generate_probe_activations(model, hooks: list[str], cache_path: Path) -> None:
     """The model's activations on `PROBE_DATASETS` for every hook, as sae-probes stores them."""
     from sae_probes.generate_model_activations import ensure_dataset_activations
@@ -290,9 +332,23 @@ def run_absorption(model, sae, name: str, out: Path, words: int) -> dict:
             stack.enter_context(p)
         stack.enter_context(contextlib.chdir(out))  # it writes its artifacts/ under the cwd
         result = run_eval(cfg, [(name, sae)], "cpu", str(out / "absorption"), force_rerun=True)
+    probing = json.loads(
+        (out / "artifacts" / "absorption" / f"{name}_custom_sae_k_sparse_probing.json").read_text()
+    )
+    passing = [r for r in probing if r["f1_probe"] > cfg.min_GT_probe_f1]
+    gate = {
+        "letters": len(probing),
+        "letters_probe_f1_above": len(passing),
+        "min_probe_f1": cfg.min_GT_probe_f1,
+        "min_letters": cfg.min_feats_for_eval,
+        "mean_probe_f1": float(np.mean([r["f1_probe"] for r in probing])),
+        "mean_sae_k1_f1_passing": float(np.mean([r["f1_sparse_sae_1"] for r in passing]))
+        if passing
+        else None,
+    }
     if not result:
-        return {"error": "too few first-letter features for SAEBench to score absorption"}
-    return next(iter(result.values()))["eval_result_metrics"]
+        return {"error": "too few first-letter features for SAEBench to score absorption", **gate}
+    return {**next(iter(result.values()))["eval_result_metrics"], **gate}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--saes", nargs="+", default=None, help="subset of r8-k32, @64000, baseline")
     p.add_argument("--absorption-words", type=int, default=2000)
+    p.add_argument("--eval-tokens", type=int, default=8192, help="params.yaml's eval.eval_tokens")
     p.add_argument(
         "--ours",
         default="results",
@@ -344,13 +401,14 @@ def main(argv: list[str] | None = None) -> None:
                     "views first) or python -m mlsae export-layers (see its --help)."
                 )
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    layers = sorted(set(summary.get("layers", [])) | set(args.layers))  # earlier runs' rows stay
     summary.update(
         {
             "model": MODEL_NAME,
             "corpus": "brown",
             "run": args.run,
             "snapshot": snap,
-            "layers": args.layers,
+            "layers": layers,
             "n_contexts": len(contexts),
             "context_size": contexts.shape[1],
             "probe_datasets": PROBE_DATASETS,
@@ -369,7 +427,13 @@ def main(argv: list[str] | None = None) -> None:
 
         from sae_bench.evals.absorption.common import PROBES_DIR
 
-        shutil.rmtree(PROBES_DIR / model.cfg.model_name, ignore_errors=True)
+        probes = PROBES_DIR / model.cfg.model_name
+        sample = {"words": args.absorption_words, "seed": 0}
+        stamp = probes / "vocabulary.json"
+        if not stamp.exists() or json.loads(stamp.read_text()) != sample:
+            shutil.rmtree(probes, ignore_errors=True)
+            probes.mkdir(parents=True)
+            stamp.write_text(json.dumps(sample))
     if "sparse_probing" in args.evals:
         hooks = [f"blocks.{ly}.hook_resid_post" for ly in args.layers]
         generate_probe_activations(model, hooks, probe_cache)
@@ -398,6 +462,17 @@ def main(argv: list[str] | None = None) -> None:
                                 layer,
                                 committed / "per_layer" / f"{args.run}.csv",
                             )
+                elif ev == "cache_check":
+                    row["core"]["fvu_check"].update(
+                        cache_check(
+                            model,
+                            sae,
+                            layer,
+                            contexts,
+                            cache / "activations" / "test",
+                            args.eval_tokens,
+                        )
+                    )
                 elif ev == "sparse_probing":
                     row["sparse_probing"] = run_probing(sae, tag, out, probe_cache)
                 elif ev == "meta_structure":

@@ -22,30 +22,35 @@ def _probe(row: dict, k: int) -> float | None:
     return (row.get("sparse_probing") or {}).get("sae", {}).get(f"sae_top_{k}_test_accuracy")
 
 
-def _absorption(row: dict, key: str) -> float | None:
-    return ((row.get("absorption") or {}).get("mean") or {}).get(key)
+def _absorption(row: dict) -> tuple[str, str, str]:
+    """(letters passing SAEBench's probe gate, k = 1 latent F1 on them, absorption score)."""
+    a = row.get("absorption")
+    if not a:
+        return "", "", ""
+    gate = f"{a['letters_probe_f1_above']} / {a['letters']}"
+    score = (a.get("mean") or {}).get("mean_absorption_fraction_score")
+    return gate, _f(a.get("mean_sae_k1_f1_passing")), "not scored" if score is None else _f(score)
 
 
 def comparison_table(summary: dict) -> list[str]:
     """Per layer: the MLSAE at matched budget and at the end, and the single-layer baseline."""
     lines = [
         "| layer | SAE | FVU, SAEBench | FVU, ours (same tokens) | delta CE (nats) | KL (nats) "
-        "| dead latents | probe acc. top-1 | top-5 | LLM probe | absorption (mean fraction) "
-        "| full absorption | split features |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| latents inactive at this layer | probe acc. top-1 | top-2 | top-5 | LLM probe "
+        "| absorption: letters with probe F1 > 0.6 | k = 1 latent F1 on them | absorption score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         core = row.get("core") or {}
         llm = (row.get("sparse_probing") or {}).get("llm", {}).get("llm_test_accuracy")
         behaviour = core.get("model_behavior_preservation", {})
+        gate, k1, score = _absorption(row)
         lines.append(
             f"| {row['layer']} | {row['sae']} | {_f(core.get('fvu'))} "
             f"| {_f((core.get('fvu_check') or {}).get('ours'))} | {_f(core.get('delta_ce'))} "
             f"| {_f(behaviour.get('kl_div_with_sae'))} | {_f(core.get('dead_fraction'))} "
-            f"| {_f(_probe(row, 1))} | {_f(_probe(row, 5))} | {_f(llm)} "
-            f"| {_f(_absorption(row, 'mean_absorption_fraction_score'))} "
-            f"| {_f(_absorption(row, 'mean_full_absorption_score'))} "
-            f"| {_f(_absorption(row, 'mean_num_split_features'), 2)} |"
+            f"| {_f(_probe(row, 1))} | {_f(_probe(row, 2))} | {_f(_probe(row, 5))} | {_f(llm)} "
+            f"| {gate} | {k1} | {score} |"
         )
     return lines
 
@@ -53,20 +58,25 @@ def comparison_table(summary: dict) -> list[str]:
 def check_table(summary: dict) -> list[str]:
     """SAEBench's core FVU and delta CE against ours for the same SAE (the run's final views)."""
     lines = [
-        "| layer | FVU, SAEBench | its formula, recomputed | FVU, ours (same tokens) "
-        "| FVU, ours (pipeline) | uncentred | ‖mean‖² / E‖x‖² | delta CE, SAEBench "
-        "| delta CE, ours (pipeline) | KL, SAEBench | KL, ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | FVU, SAEBench | its formula, recomputed | uncentred ratio | ‖E x‖² / E‖x‖² "
+        "| FVU, ours (SAEBench's tokens) | FVU, ours (first eval_tokens) | FVU, ours (pipeline) "
+        "| largest token's share of the centred total (all / first eval_tokens) "
+        "| delta CE, SAEBench | delta CE, ours | KL, SAEBench | KL, ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         if row["sae"] != summary["run"] or "ours" not in row:
             continue
         core, ours = row["core"], row["ours"]
-        check = core["fvu_check"]
+        c = core["fvu_check"]
+        share = c.get("largest_token_share")
+        share_first = c.get("largest_token_share_first_eval_tokens")
+        shares = "" if share is None else f"{_f(share)} / {_f(share_first)}"
         lines.append(
-            f"| {row['layer']} | {_f(core['fvu'], 4)} | {_f(check['saebench_formula'], 4)} "
-            f"| {_f(check['ours'], 4)} | {_f(ours.get('fvu'), 4)} | {_f(check['uncentred'], 4)} "
-            f"| {_f(check['sq_norm_of_mean'] / check['mean_sq_norm'], 3)} "
+            f"| {row['layer']} | {_f(core['fvu'], 4)} | {_f(c['saebench_formula'], 4)} "
+            f"| {_f(c['uncentred'], 4)} | {_f(c['sq_norm_of_mean'] / c['mean_sq_norm'])} "
+            f"| {_f(c['ours'], 4)} | {_f(c.get('ours_first_eval_tokens'), 4)} "
+            f"| {_f(ours.get('fvu'), 4)} | {shares} "
             f"| {_f(core['delta_ce'], 4)} | {_f(ours['delta_ce'], 4)} "
             f"| {_f(core['model_behavior_preservation']['kl_div_with_sae'], 4)} "
             f"| {_f(ours['kl'], 4)} |"
@@ -84,7 +94,10 @@ def block(summary: dict) -> str:
         "",
         *comparison_table(summary),
         "",
-        f"SAEBench's `core` against ours for {summary['run']} (same SAE, same contexts):",
+        f'SAEBench\'s `core` against ours for {summary["run"]} (same SAE, same contexts; "ours" '
+        f"is our pipeline's evaluation of the same checkpoint, read from `{summary['ours_from']}`; "
+        "`ours_committed` in the JSON is the committed results' checkpoint, trained from the same "
+        "params on another machine):",
         "",
         *check_table(summary),
     ]

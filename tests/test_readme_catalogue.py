@@ -109,18 +109,21 @@ def _bench_row(sae: str, layer: int, fvu: float) -> dict:
 
 def test_saebench_tables_from_a_hand_built_summary():
     row = _bench_row("r", 10, 0.12345) | {"ours": {"fvu": 0.29, "delta_ce": 0.5, "kl": 0.61}}
+    gate = {"letters": 26, "letters_probe_f1_above": 15, "mean_sae_k1_f1_passing": 0.4}
+    row["absorption"] = {"error": "too few", **gate}
     summary = {
         "sae_bench_version": "0.6.0", "model": "m", "corpus": "c", "context_size": 256,
-        "probe_datasets": ["a", "b"], "absorption_words": 2000, "run": "r",
+        "probe_datasets": ["a", "b"], "absorption_words": 2000, "run": "r", "ours_from": "o",
         "rows": [row, _bench_row("baseline", 10, 0.2)],
     }  # fmt: skip
     block = saebench_table.block(summary)
     lines = block.splitlines()
-    assert "| 10 | r | 0.123 | 0.300 | 0.512 | 0.600 | 0.000 | 0.710 | 0.800 | 0.900 |" in block
+    assert "| 10 | r | 0.123 | 0.300 | 0.512 | 0.600 | 0.000 | 0.710 |  | 0.800 | 0.900 |" in block
+    assert "| 0.900 | 15 / 26 | 0.400 | not scored |" in block
     assert "| 10 | baseline | 0.200 |" in block
     check = [ln for ln in lines if ln.startswith("| 10 | 0.1235")]
     assert check == [
-        "| 10 | 0.1235 | 0.1235 | 0.3000 | 0.2900 | 0.1100 | 0.250 | 0.5123 | 0.5000 "
+        "| 10 | 0.1235 | 0.1235 | 0.1100 | 0.250 | 0.3000 |  | 0.2900 |  | 0.5123 | 0.5000 "
         "| 0.6000 | 0.6100 |"
     ]
     text = f"x\n{saebench_table.START}\nold\n{saebench_table.END}\ny\n"
