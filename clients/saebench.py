@@ -158,29 +158,32 @@ def run_core(model, sae, layer: int, contexts: torch.Tensor, patched: list[int])
     seen = store.get_batch_tokens(len(recon_tokens))
     if not torch.equal(seen.cpu(), recon_tokens):
         raise RuntimeError("ActivationsStore changed the contexts (BOS added or reordered?)")
-    store = token_store(model, sae, recon_tokens)
-    recon_cfg = CoreEvalConfig(
-        model_name=MODEL_NAME,
-        batch_size_prompts=len(recon_tokens),
+
+    def one_pass(tokens: torch.Tensor, **settings):
+        """``run_evals`` over ``tokens`` in one batch, with these metric switches."""
+        cfg = CoreEvalConfig(
+            model_name=MODEL_NAME,
+            batch_size_prompts=len(tokens),
+            context_size=tokens.shape[1],
+            **settings,
+        )
+        return run_evals(sae, token_store(model, sae, tokens), model, cfg, ignore_tokens=ignore)
+
+    recon, _ = one_pass(
+        recon_tokens,
         n_eval_reconstruction_batches=1,
-        context_size=contexts.shape[1],
         compute_kl=True,
         compute_ce_loss=True,
         exclude_special_tokens_from_reconstruction=True,
     )
-    recon, _ = run_evals(sae, store, model, recon_cfg, ignore_tokens=ignore)
-    store = token_store(model, sae, contexts)
-    var_cfg = CoreEvalConfig(
-        model_name=MODEL_NAME,
-        batch_size_prompts=len(contexts),
+    var, features = one_pass(
+        contexts,
         n_eval_sparsity_variance_batches=1,
-        context_size=contexts.shape[1],
         compute_l2_norms=True,
         compute_sparsity_metrics=True,
         compute_variance_metrics=True,
         compute_featurewise_density_statistics=True,
     )
-    var, features = run_evals(sae, store, model, var_cfg, ignore_tokens=ignore)
     perf = recon["model_performance_preservation"]
     metrics = {
         **recon,
