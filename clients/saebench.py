@@ -147,8 +147,20 @@ def special_ids(tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def run_core(model, sae, layer: int, contexts: torch.Tensor, patched: list[int]) -> dict:
-    """SAEBench's core metrics (two ``run_evals`` calls, module docstring) and the FVU check."""
+def run_core(
+    model,
+    sae,
+    layer: int,
+    contexts: torch.Tensor,
+    patched: list[int],
+    test_cache: Path,
+    eval_tokens: int,
+) -> dict:
+    """SAEBench's core metrics (two ``run_evals`` calls, module docstring) and the FVU check.
+
+    The check (`fvu_check` on this environment's residuals, `cache_check` on the test cache's)
+    shares one forward of the contexts.
+    """
     from sae_bench.evals.core.eval_config import CoreEvalConfig
     from sae_bench.evals.core.main import run_evals
 
@@ -195,37 +207,33 @@ def run_core(model, sae, layer: int, contexts: torch.Tensor, patched: list[int])
     hook = sae.cfg.metadata.hook_name
     with torch.no_grad():
         _, cache = model.run_with_cache(contexts, names_filter=[hook], stop_at_layer=layer + 1)
-        x = cache[hook]
         keep = ~torch.isin(contexts, torch.tensor(sorted(ignore)))
-        x = x[keep]
+        x = cache[hook][keep]
         metrics["fvu_check"] = fvu_check(x, sae.decode(sae.encode(x)))
+    metrics["fvu_check"].update(cache_check(sae, layer, x, contexts[keep], test_cache, eval_tokens))
     return metrics
 
 
 def cache_check(
-    model, sae, layer: int, contexts: torch.Tensor, test_cache: Path, eval_tokens: int
+    sae, layer: int, x: torch.Tensor, tokens: torch.Tensor, test_cache: Path, eval_tokens: int
 ) -> dict:
     """Our FVU on the test cache's float16 residuals, which our pipeline evaluates.
 
-    Beside it, how far those residuals are from this environment's forward of the same tokens
-    (which SAEBench evaluates): the relative Frobenius norm of the difference; our FVU on the
-    first ``eval_tokens`` of them, the set our pipeline's FVU is taken over (``eval.eval_tokens``);
-    and the share of the centred total that the single largest token carries (SmolLM2 has tokens
-    with massive activations in its middle layers, and one of them moves the FVU by itself).
+    Beside it, how far those residuals are from ``x``, this environment's forward of the same
+    ``tokens`` (which SAEBench evaluates): the relative Frobenius norm of the difference; our
+    FVU on the first ``eval_tokens`` of them, the set our pipeline's FVU is taken over
+    (``eval.eval_tokens``); and the share of the centred total that the single largest token
+    carries (SmolLM2 has tokens with massive activations in its middle layers, and one of them
+    moves the FVU by itself).
     """
     meta = json.loads((test_cache / "meta.json").read_text())
     cached = np.concatenate(
         [np.load(test_cache / f"{s}.npy", mmap_mode="r")[layer] for s in meta["shards"]]
     )
-    tokens = np.concatenate([np.load(test_cache / f"{s}.tokens.npy") for s in meta["shards"]])
-    ignore = torch.tensor(sorted(special_ids(model.tokenizer)))
-    keep = ~torch.isin(contexts, ignore)
-    if not np.array_equal(tokens, contexts[keep].numpy()):
+    cached_tokens = [np.load(test_cache / f"{s}.tokens.npy") for s in meta["shards"]]
+    if not np.array_equal(np.concatenate(cached_tokens), tokens.numpy()):
         raise RuntimeError("the test cache's tokens are not contexts.npy's non-special tokens")
-    hook = sae.cfg.metadata.hook_name
     with torch.no_grad():
-        _, cache = model.run_with_cache(contexts, names_filter=[hook], stop_at_layer=layer + 1)
-        x = cache[hook][keep]
         x16 = torch.from_numpy(np.asarray(cached, dtype=np.float32))
         x_hat = sae.decode(sae.encode(x16))
     on_cache = fvu_check(x16, x_hat)
@@ -452,7 +460,13 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 if ev == "core":
                     row["core"] = run_core(
-                        model, sae, layer, contexts, patched_contexts(per_context, layer)
+                        model,
+                        sae,
+                        layer,
+                        contexts,
+                        patched_contexts(per_context, layer),
+                        cache / "activations" / "test",
+                        args.eval_tokens,
                     )
                     if name == args.run:
                         row["ours"] = ours_at_layer(
@@ -465,17 +479,6 @@ def main(argv: list[str] | None = None) -> None:
                                 layer,
                                 committed / "per_layer" / f"{args.run}.csv",
                             )
-                elif ev == "cache_check":
-                    row["core"]["fvu_check"].update(
-                        cache_check(
-                            model,
-                            sae,
-                            layer,
-                            contexts,
-                            cache / "activations" / "test",
-                            args.eval_tokens,
-                        )
-                    )
                 elif ev == "sparse_probing":
                     row["sparse_probing"] = run_probing(sae, tag, out, probe_cache)
                 elif ev == "meta_structure":

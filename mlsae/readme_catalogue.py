@@ -154,23 +154,25 @@ def catalogue(params: config.Params, out_dir: str | Path = ".") -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice(text: str, block: str) -> str:
-    """``text`` with everything between `START` and `END` replaced by ``block``."""
-    head, _, tail = _parts(text)
-    return f"{head}{START}\n{block}{END}{tail}"
+def splice(text: str, block: str, markers: tuple[str, str] = (START, END)) -> str:
+    """``text`` with everything between the ``markers`` (default `START`, `END`) replaced."""
+    start, end = markers
+    head, _, tail = _parts(text, markers)
+    return f"{head}{start}\n{block}{end}{tail}"
 
 
-def current(text: str) -> str:
-    """The block between the markers of ``text``."""
-    return _parts(text)[1].removeprefix("\n")
+def current(text: str, markers: tuple[str, str] = (START, END)) -> str:
+    """The block between the ``markers`` of ``text``."""
+    return _parts(text, markers)[1].removeprefix("\n")
 
 
-def _parts(text: str) -> tuple[str, str, str]:
-    """``(before START, between the markers, after END)``; a clear error without the markers."""
-    if START not in text or END not in text:
-        raise ValueError("README has no catalogue markers (START / END of mlsae.readme_catalogue)")
-    head, rest = text.split(START, 1)
-    middle, tail = rest.split(END, 1)
+def _parts(text: str, markers: tuple[str, str]) -> tuple[str, str, str]:
+    """``(before start, between the markers, after end)``; a clear error without the markers."""
+    start, end = markers
+    if start not in text or end not in text:
+        raise ValueError(f"README has no {start!r} ... {end!r} markers")
+    head, rest = text.split(start, 1)
+    middle, tail = rest.split(end, 1)
     return head, middle, tail
 
 
@@ -187,9 +189,9 @@ def write(params_path: str | Path = "params.yaml", root: str | Path = ".", check
     bench = saebench_table.read(root)
     if bench is not None:
         bench_block = saebench_table.block(bench)
-        if saebench_table.current(new) != bench_block:
+        if current(new, saebench_table.MARKERS) != bench_block:
             fresh = False
-            new = saebench_table.splice(new, bench_block)
+            new = splice(new, bench_block, saebench_table.MARKERS)
     if not check and not fresh:
         readme.write_text(new)
     return fresh

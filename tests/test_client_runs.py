@@ -68,11 +68,22 @@ def test_saebench_core_runs_offline_and_its_fvu_is_its_formula(smollm2, tmp_path
     """SAEBench's own core code on our export: its FVU is the formula `fvu_check` writes out
     (1 - its explained_variance, to float32 rounding), and its delta CE and KL are finite."""
     python = client_python("saebench")
-    fixture_cache(tmp_path, smollm2.tokenizer, layer=1)
+    _, rows = fixture_cache(tmp_path, smollm2.tokenizer, layer=1)
+    # the test cache's float16 shard of layer 1, from the main environment's TransformerLens 3
+    tokens = torch.tensor(rows)
+    keep = ~torch.isin(tokens, torch.tensor([smollm2.tokenizer.bos_token_id]))
+    with torch.no_grad():
+        _, cache = smollm2.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_post"])
+    resid = cache["blocks.1.hook_resid_post"][keep]
+    test = tmp_path / "cache" / "activations" / "test"
+    np.save(test / "shard_00000.npy", resid.expand(2, -1, -1).numpy().astype(np.float16))
+    np.save(test / "shard_00000.tokens.npy", tokens[keep].numpy().astype(np.int32))
+    (test / "meta.json").write_text(json.dumps({"shards": ["shard_00000"]}))
     cmd = [
         str(python), "clients/saebench.py", "--cache", str(tmp_path / "cache"), "--layers", "1",
         "--saes", "r8-k32", "--evals", "core", "--ours", str(tmp_path / "ours"),
         "--out", str(tmp_path / "sb"), "--summary", str(tmp_path / "summary.json"),
+        "--eval-tokens", "47",
     ]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=900)
     (row,) = json.loads((tmp_path / "summary.json").read_text())["rows"]
@@ -83,6 +94,10 @@ def test_saebench_core_runs_offline_and_its_fvu_is_its_formula(smollm2, tmp_path
     assert np.isfinite(core["delta_ce"]) and core["delta_ce"] > 0
     assert core["sparsity"]["l0"] == pytest.approx(8.0)
     assert row["ours"]["delta_ce"] == pytest.approx(2.0 / (2 * 46))
+    check = core["fvu_check"]  # the float16 cache of the other environment's forward
+    assert check["cache_relative_difference"] < 1e-3
+    assert check["ours_on_cache"] == pytest.approx(check["ours"], rel=1e-2)
+    assert 0 < check["largest_token_share_first_eval_tokens"] <= 1
 
 
 @pytest.mark.slow

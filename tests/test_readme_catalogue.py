@@ -80,7 +80,8 @@ def test_readme_saebench_block_is_generated_from_the_committed_summary():
     if summary is None:
         pytest.skip("results/saebench.json not made (make saebench)")
     text = (ROOT / "README.md").read_text()
-    assert saebench_table.current(text) == saebench_table.block(summary), "python -m mlsae readme"
+    block = saebench_table.block(summary)
+    assert readme_catalogue.current(text, saebench_table.MARKERS) == block, "python -m mlsae readme"
 
 
 def _bench_row(sae: str, layer: int, fvu: float) -> dict:
@@ -127,6 +128,8 @@ def test_saebench_tables_from_a_hand_built_summary():
         "| 0.6000 | 0.6100 |"
     ]
     text = f"x\n{saebench_table.START}\nold\n{saebench_table.END}\ny\n"
-    assert saebench_table.current(saebench_table.splice(text, block)) == block
+    spliced = readme_catalogue.splice(text, block, saebench_table.MARKERS)
+    assert readme_catalogue.current(spliced, saebench_table.MARKERS) == block
+    assert spliced.startswith("x\n") and spliced.endswith(f"{saebench_table.END}\ny\n")
     with pytest.raises(ValueError, match="markers"):
-        saebench_table.splice("none", block)
+        readme_catalogue.splice("none", block, saebench_table.MARKERS)
