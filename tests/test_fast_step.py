@@ -1,4 +1,4 @@
-"""The sync-free SAE step (`mlsae.fast.step`) against a dense float64 loss and the reference trainer.
+"""The sync-free SAE step (`mlsae.fast.step`) against a dense float64 loss and the reference step.
 
 Three independent checks: (1) its hand-written gradients equal autograd's on a dense float64
 implementation of eqs. 1-7 written here (dense latent vectors, no sparse code); (2) whole

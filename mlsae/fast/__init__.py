@@ -1,4 +1,4 @@
-"""GPU speed (issue 22): a sync-free SAE step, sorted sparse gradients, Triton kernels, SDPA forward.
+"""GPU speed (issue 22): a sync-free SAE step, sorted sparse gradients, Triton kernels, SDPA.
 
 Nothing in the default pipeline imports this package: the CPU trainer (`mlsae.train`,
 `mlsae.sae`) keeps its path, and DVC's stages do not depend on these files

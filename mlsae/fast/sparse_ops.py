@@ -107,7 +107,10 @@ def segment_grads(
     """``(grad W_dec, grad W_enc, s, gv)`` from the sorted entries (see the module docstring).
 
     Args:
-        latent, offsets, grad_row, input_row: a `SortedEntries`' fields.
+        latent: ``(E,)`` a `SortedEntries`' latents (ascending).
+        offsets: ``(n_latents + 1,)`` its run boundaries.
+        grad_row: ``(E,)`` its upstream-gradient rows.
+        input_row: ``(E,)`` its input rows.
         values: ``(E,)`` each sorted entry's latent value (after the ReLU).
         grad: ``(rows, d)`` upstream gradients of the decoded vectors, sets stacked.
         inputs: ``(vectors, d)`` encoder inputs ``s(x) - b_pre``.
