@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+# Triton's interpreter for tests/test_fast_kernels.py: Triton reads this when triton.language is
+# first imported (its own @jit helpers, tl.sum's among them) and when a kernel runs, so it is set
+# before anything can import triton. Only our kernel tests call Triton in this process.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
 import shutil
 import subprocess
 import tempfile
