@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_neox_weights
 
-from mlsae.activations import special_mask
+if TYPE_CHECKING:  # TransformerLens is imported where needed: the GPU benchmark runs without it
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 SDPA = "sdpa"
 
@@ -168,6 +168,8 @@ def kept_block_outputs(
         ``(residuals (layer, kept token, d_model), keep mask (batch, pos))``; the mask lies on the
         device of ``tokens``, the residuals on the model's.
     """
+    from mlsae.activations import special_mask
+
     keep = ~special_mask(tokens, specials)
     resid = block_outputs(hf_model, tokens, layers)
     return resid[:, keep.to(resid.device)], keep
@@ -238,6 +240,8 @@ def neox_config(hf_config, dtype: torch.dtype = torch.float32) -> HookedTransfor
     Raises:
         ValueError: for features TransformerLens's NeoX path does not have (scaled RoPE, no biases).
     """
+    from transformer_lens import HookedTransformerConfig
+
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"Unsupported rope_type {rope['rope_type']!r} for TransformerLens.")
@@ -288,6 +292,9 @@ def hooked_from_neox(
     Returns:
         The TransformerLens model in eval mode.
     """
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions import convert_neox_weights
+
     cfg = neox_config(hf_model.config, dtype=dtype)
     cfg.device = str(device)
     model = HookedTransformer(cfg, move_to_device=False)
