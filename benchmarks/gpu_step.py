@@ -342,7 +342,7 @@ def forward(device, shape: dict, contexts: int, reps: int) -> dict:
     )
     try:
         from mlsae.activations import residual_stream
-        from mlsae.fast.hf_forward import hooked_from_neox
+        from mlsae.fast.tl_twin import hooked_from_neox
     except ImportError as err:
         out["transformer_lens"] = f"skipped: {err}"
         return out

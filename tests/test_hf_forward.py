@@ -19,11 +19,10 @@ from mlsae.fast.hf_forward import (
     attn_implementation,
     block_outputs,
     decoder_layers,
-    hooked_from_neox,
-    kept_block_outputs,
     load_sdpa,
     with_sdpa,
 )
+from mlsae.fast.tl_twin import hooked_from_neox, kept_block_outputs
 from mlsae.models import hooked_from_llama
 
 N_LAYERS = 3

@@ -32,6 +32,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+try:  # Triton for CUDA tensors; without it CUDA tensors take the torch references too
+    from mlsae.fast import kernels
+except ImportError:
+    kernels = None
+
 CHUNK_ENTRIES = 1 << 16
 """Entries per block of the CPU reference (bounds its ``(entries, d)`` temporaries)."""
 
@@ -85,11 +90,11 @@ def _(indices, values, weight):
     return weight.new_empty(indices.shape[0], weight.shape[1])
 
 
-@decode.register_kernel("cuda")
-def _(indices, values, weight):
-    from mlsae.fast import kernels
+if kernels is not None:
 
-    return kernels.decode(indices, values, weight)
+    @decode.register_kernel("cuda")
+    def _(indices, values, weight):
+        return kernels.decode(indices, values, weight)
 
 
 # -- the three sparse gradients ------------------------------------------------------------------
@@ -149,11 +154,13 @@ def _(latent, offsets, grad_row, input_row, values, grad, inputs, w_dec):
     )
 
 
-@segment_grads.register_kernel("cuda")
-def _(latent, offsets, grad_row, input_row, values, grad, inputs, w_dec):
-    from mlsae.fast import kernels
+if kernels is not None:
 
-    return kernels.segment_grads(latent, offsets, grad_row, input_row, values, grad, inputs, w_dec)
+    @segment_grads.register_kernel("cuda")
+    def _(latent, offsets, grad_row, input_row, values, grad, inputs, w_dec):
+        return kernels.segment_grads(
+            latent, offsets, grad_row, input_row, values, grad, inputs, w_dec
+        )
 
 
 def sorted_values(entries: SortedEntries, value_sets: list[torch.Tensor]) -> torch.Tensor:
