@@ -1,4 +1,5 @@
-"""Issue 22's GPU measurements in one script (under 9 minutes on one H100/H200), written as JSON.
+"""Issue 22's GPU measurements in one script, sized for under 9 minutes on one H100/H200 (not yet
+run on a GPU), written as JSON.
 
 Run on a GPU machine: ``python benchmarks/gpu_step.py --out gpu_step.json``. ``--quick`` runs the
 same code at toy sizes (on the CPU too: ``tests/test_benchmarks.py`` does, so the script is
