@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlsae.fast import sparse_ops  # noqa: E402
-from mlsae.fast.step import SyncFreeStep  # noqa: E402
+from mlsae.fast.step import SyncFreeStep, autograd_step, tf32_matmuls  # noqa: E402
 from mlsae.sae import MLSAE  # noqa: E402
 
 PAPER_STEP = 131_072
@@ -187,18 +187,6 @@ def adam(sae: MLSAE) -> torch.optim.Adam:  # as mlsae.train.adam on CUDA (fused)
     return torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10, fused=fused)
 
 
-def old_step(sae: MLSAE, opt, x: torch.Tensor) -> None:
-    """One step as `mlsae.train.train` takes it (one micro-batch, single process)."""
-    opt.zero_grad(set_to_none=True)
-    out = sae(x)
-    out.loss.backward()
-    fired = sae.fired_mask(out.indices, out.values)
-    sae.remove_parallel_grad_()
-    opt.step()
-    sae.normalize_decoder_()
-    sae.advance_dead_(fired, x.shape[-2])
-
-
 class Stepper:
     """Old or new steps on one SAE, with half the latents made dead again before each step."""
 
@@ -222,13 +210,8 @@ class Stepper:
         if self.kind == "new":
             self.new.step([x])
             return
-        matmul = torch.backends.cuda.matmul
-        old = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if self.tf32 else old
-        try:
-            old_step(self.sae, self.opt, x)
-        finally:
-            matmul.fp32_precision = old
+        with tf32_matmuls(self.tf32):
+            autograd_step(self.sae, self.opt, [x])
 
 
 def sae_steps(device, shape: dict, reps: int, warmup: int) -> list[dict]:
@@ -433,7 +416,7 @@ def learning(device, shape: dict, steps: int) -> dict:
         for s in range(steps):
             x = data(s)
             if kind == "old":
-                old_step(sae, opt, x)
+                autograd_step(sae, opt, [x])
                 if s % max(1, steps // 10) == 0 or s == steps - 1:
                     with torch.no_grad():
                         curve.append((s + 1, float(sae(x).fvu)))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlsae.fast.step import NonFiniteStep, SyncFreeStep, _DeadSet, _State
+from mlsae.fast.step import NonFiniteStep, SyncFreeStep, _DeadSet, _State, autograd_step
 from mlsae.sae import MLSAE, standardize
 from mlsae.train import adam
 
@@ -115,22 +115,6 @@ def test_auxk_picks_the_top_dead_pre_activations(dead_fraction):
     assert dead[idx_a].all()
 
 
-def reference_step(sae: MLSAE, opt, batches, lr: float):
-    """One step as `mlsae.train.train` takes it (single process)."""
-    opt.zero_grad(set_to_none=True)
-    fired = torch.zeros(sae.n_latents, dtype=torch.bool)
-    for x in batches:
-        out = sae(x)
-        (out.loss / len(batches)).backward()
-        fired |= sae.fired_mask(out.indices, out.values)
-    sae.remove_parallel_grad_()
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.step()
-    sae.normalize_decoder_()
-    sae.advance_dead_(fired, sum(x.shape[-2] for x in batches))
-
-
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.1, 0.5])
 def test_whole_steps_follow_the_reference_trainer(dead_fraction):
     ref = make_sae(dead_fraction)
@@ -141,7 +125,7 @@ def test_whole_steps_follow_the_reference_trainer(dead_fraction):
         batches = [batch(10 * s + 1), batch(10 * s + 2)]
         n_dead = int(ref.dead_mask().sum())  # latents revive as they fire
         assert s > 0 or n_dead == int(dead_fraction * N)
-        reference_step(ref, ref_opt, batches, lr=1e-3)
+        autograd_step(ref, ref_opt, batches, lr=1e-3)
         result = stepper.step(batches, lr=1e-3)
         assert torch.isfinite(result.fvu) and result.fvu > 0
         assert (result.auxk > 0) == (n_dead > 0)
@@ -187,9 +171,9 @@ def test_the_reference_step_reads_the_device_several_times():
     # the counter can fail: the autograd trainer's step syncs in AuxK and the fired mask
     sae = make_sae(0.5)
     opt = adam(sae.parameters(), 1e-3, 1e-8)
-    reference_step(sae, opt, [batch(1), batch(2)], lr=1e-3)
+    autograd_step(sae, opt, [batch(1), batch(2)], lr=1e-3)
     with HostReads() as reads:
-        reference_step(sae, opt, [batch(3), batch(4)], lr=1e-3)
+        autograd_step(sae, opt, [batch(3), batch(4)], lr=1e-3)
     assert len(reads.seen) > 1
 
 

@@ -26,6 +26,8 @@ Single process only (the DDP path stays in `mlsae.train`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -46,10 +48,8 @@ class StepResult(NamedTuple):
 
 
 class MicroBatch(NamedTuple):
-    """One micro-batch's forward outputs (gradients are accumulated into the parameters)."""
+    """One micro-batch's forward outputs (its gradients go into the step's accumulators)."""
 
-    recons: torch.Tensor
-    """``(..., d)`` reconstruction in the input space."""
     values: torch.Tensor
     indices: torch.Tensor
     fvu: torch.Tensor
@@ -60,18 +60,51 @@ class NonFiniteStep(RuntimeError):
     """A step met NaN or inf in its inputs or its loss; the weights were not updated."""
 
 
-def layer_totals(x3: torch.Tensor) -> torch.Tensor:
-    """``(layer,)`` sum of squared deviations from each layer's mean vector (FVU's denominator)."""
-    total = (x3 - x3.mean(dim=1, keepdim=True)).pow(2).sum((1, 2))
-    return total.clamp_min(torch.finfo(x3.dtype).tiny)
-
-
 def fvu_and_grad(x3: torch.Tensor, y3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mlsae.sae.fvu` of ``(layer, token, d)`` tensors and its gradient with respect to ``y3``."""
-    total = layer_totals(x3)
+    """`mlsae.sae.fvu` of ``(layer, token, d)`` tensors and its gradient with respect to ``y3``.
+
+    The gradient needs the per-layer totals the value divides by, so both come from one pass.
+    """
+    total = (x3 - x3.mean(dim=1, keepdim=True)).pow(2).sum((1, 2))
+    total = total.clamp_min(torch.finfo(x3.dtype).tiny)
     diff = y3 - x3
     fvu = (diff.pow(2).sum((1, 2)) / total).mean()
     return fvu, diff * (2 / (x3.shape[0] * total))[:, None, None]
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """CUDA float32 matmuls in TF32 inside the block when ``enabled``; the setting is restored."""
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    if enabled:
+        matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
+
+
+def autograd_step(sae: MLSAE, optimizer, batches, lr: float | None = None) -> None:
+    """One optimizer step as `mlsae.train.train` takes it (single process), for comparisons.
+
+    Autograd through `MLSAE.forward` on each micro-batch (loss divided by their number), the
+    parallel-gradient removal, the optimizer, the decoder renormalisation and the dead counters
+    advanced by the step's tokens: the reference `SyncFreeStep` is tested and timed against.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=sae.W_enc.device)
+    for x in batches:
+        out = sae(x)
+        (out.loss / len(batches)).backward()
+        fired |= sae.fired_mask(out.indices, out.values)
+    sae.remove_parallel_grad_()
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.step()
+    sae.normalize_decoder_()
+    sae.advance_dead_(fired, sum(x.shape[-2] for x in batches))
 
 
 class SyncFreeStep:
@@ -92,15 +125,8 @@ class SyncFreeStep:
     # -- one micro-batch ------------------------------------------------------------------------
     def _select(self, x_c: torch.Tensor, w_sel: torch.Tensor) -> torch.Tensor:
         """``(vectors, n)`` selection pre-activations in ``w_sel``'s dtype (bf16 or float32)."""
-        tf32 = torch.backends.cuda.matmul
-        if not self.tf32 or w_sel.dtype != torch.float32:
+        with tf32_matmuls(self.tf32 and w_sel.dtype == torch.float32):
             return x_c.to(w_sel.dtype) @ w_sel.T
-        old = tf32.fp32_precision
-        tf32.fp32_precision = "tf32"
-        try:
-            return x_c @ w_sel.T
-        finally:
-            tf32.fp32_precision = old
 
     @staticmethod
     def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +189,7 @@ class SyncFreeStep:
         state.g_bias += grad[:vectors].sum(0) - s @ sae.W_enc.detach()
         state.fired.index_add_(0, idx.reshape(-1), (values.reshape(-1) > 0).to(torch.int32))
         shape = (*x.shape[:-1], sae.k)
-        return MicroBatch(
-            recons.reshape(x.shape), values.reshape(shape), idx.reshape(shape), fvu, auxk
-        )
+        return MicroBatch(values.reshape(shape), idx.reshape(shape), fvu, auxk)
 
     # -- one optimizer step -----------------------------------------------------------------------
     def step(self, batches, lr: float | None = None) -> StepResult:
